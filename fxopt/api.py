@@ -1,0 +1,196 @@
+"""``fxopt.optimize``: capture → passes → result with a record per pass."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from .ir.capture import capture
+from .ir.graph import ExampleInputs, clone, call, flatten_tensors
+from .ir.meta import CAPTURE
+from .passes.base import PassContext, PassError
+from .passes.instruments import Bisect, Dump, Instrument, PassRecord, PrintAfter, diff_records
+from .passes.manager import PassManager, make_record
+from .passes.pipeline import format_pipeline, resolve
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized module and what every pass did to it."""
+
+    module: torch.fx.GraphModule
+    records: list[PassRecord]
+    pipeline: str
+    example_inputs: ExampleInputs
+    capture_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ records
+
+    def record(self, key: int | str) -> PassRecord:
+        """A record by index (0 = the captured graph) or by pass name (the last one of that name)."""
+        if isinstance(key, int):
+            for r in self.records:
+                if r.index == key:
+                    return r
+            raise KeyError(f"no record #{key}; records are 0..{self.records[-1].index}")
+        matches = [r for r in self.records if r.name == key or r.name.split("{", 1)[0] == key]
+        if not matches:
+            raise KeyError(f"no pass {key!r} in this pipeline: {', '.join(r.name for r in self.records)}")
+        return matches[-1]
+
+    def diff(self, a: int | str = 0, b: int | str | None = None, context: int = 2) -> str:
+        """Unified diff of the graph between two records (default: captured vs. final)."""
+        rb = self.records[-1] if b is None else self.record(b)
+        return diff_records(self.record(a), rb, context=context)
+
+    def report(self) -> str:
+        """The pass-by-pass table."""
+        return format_records(self.records)
+
+    def summary(self) -> list[dict]:
+        return [r.summary() for r in self.records]
+
+    # ------------------------------------------------------------------ running and lowering
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def export_onnx(self, path: str | Path, *, example_inputs: Any = None, **kwargs):
+        """Lower to ONNX and verify it in ONNX Runtime (see :func:`fxopt.lowering.export_onnx`)."""
+        from .lowering import export_onnx
+        return export_onnx(self.module, path, example_inputs if example_inputs is not None else self.example_inputs,
+                           **kwargs)
+
+
+def optimize(
+    model: torch.nn.Module,
+    passes: Any = "cleanup",
+    example_inputs: Any = None,
+    calibration: Iterable[Any] | None = None,
+    *,
+    dynamic: bool | dict | None = None,
+    instruments: Iterable[Instrument] = (),
+    print_after: bool | Iterable[str] | None = None,
+    print_after_change: bool = False,
+    dump_dir: str | Path | None = None,
+    bisect: int | None = None,
+    reproducer_dir: str | Path | None = None,
+    check_exact: bool = True,
+    measure_drift: bool = True,
+    capture_method: str = "auto",
+) -> OptimizeResult:
+    """Capture ``model`` and run ``passes`` on it.
+
+    Args:
+        model: an ``nn.Module`` (never mutated; a deep copy is captured) or a GraphModule
+            returned by an earlier ``optimize`` (its passes are recorded, and continue).
+        passes: pipeline text (``"cleanup"``, ``"dce,cse"``), a list of names / texts / Pass
+            objects, or None for no pass.
+        example_inputs: a tensor, a tuple (positional) or a dict (keyword; HF tokenizer output).
+        calibration: an iterable of inputs of the same form, for passes that calibrate.
+        dynamic: ``True`` captures batch (dim 0) and sequence (dim 1) as dynamic dims.
+        print_after: ``True`` prints the graph after every pass, or a set of pass names;
+        print_after_change: print only after passes that changed the graph.
+        dump_dir: write ``NNN_<pass>.txt`` per pass there.
+        bisect: run only the first N passes (the rest are recorded as skipped).
+        reproducer_dir: where a failing pass writes its reproducer.
+        check_exact: verify that passes declared exact keep the outputs (float tolerance).
+    """
+    if example_inputs is None:
+        raise ValueError("optimize needs example_inputs: a tensor, a tuple of positional inputs, or a dict of "
+                         "keyword inputs (e.g. tokenizer(texts, return_tensors='pt'))")
+    inputs = ExampleInputs.of(example_inputs)
+    pass_list = resolve(passes)          # bad pipeline text fails before the (slow) capture
+
+    t0 = time.perf_counter()
+    if isinstance(model, torch.fx.GraphModule) and CAPTURE.get(model) is not None:
+        gm = clone(model)
+        reference_model = model
+    else:
+        gm = capture(model, inputs, dynamic=dynamic, method=capture_method)
+        reference_model = model
+    capture_seconds = time.perf_counter() - t0
+
+    bound = CAPTURE.get(gm).bound_kwargs if CAPTURE.get(gm) else {}
+    ref_inputs = ExampleInputs(inputs.args, {**inputs.kwargs, **{k: v for k, v in bound.items()
+                                                                  if not isinstance(model, torch.fx.GraphModule)}})
+    flags = {m: m.training for m in reference_model.modules()}   # restored exactly: never mutate the caller's model
+    try:
+        reference_model.eval()
+        reference = flatten_tensors(call(reference_model, ref_inputs))
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+    ctx = PassContext(example_inputs=inputs, reference_outputs=[t.detach() for t in reference],
+                      calibration=_calibration(calibration))
+    insts: list[Instrument] = list(instruments)
+    if print_after or print_after_change:
+        names = None if print_after in (True, None) else set(print_after)
+        insts.append(PrintAfter(names, only_changed=print_after_change))
+    if dump_dir:
+        insts.append(Dump(dump_dir))
+    if bisect is not None:
+        insts.append(Bisect(bisect))
+    manager = PassManager(pass_list, insts, check_exact=check_exact, reproducer_dir=reproducer_dir,
+                          measure=measure_drift)
+
+    rec0 = make_record(0, "capture", gm, ctx, modified=False, seconds=capture_seconds, status="captured",
+                       notes=list(CAPTURE.get(gm).normalizations) if CAPTURE.get(gm) else [], drift=measure_drift)
+    for inst in insts:
+        if isinstance(inst, Dump):
+            inst.write(rec0)
+    gm, records = manager.run(gm, ctx)
+    return OptimizeResult(module=gm, records=[rec0] + records, pipeline=format_pipeline(pass_list),
+                          example_inputs=inputs, capture_seconds=capture_seconds)
+
+
+def _calibration(calibration) -> list[ExampleInputs] | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise PassError("calibration must be an iterable of inputs (a list of batches), not a single batch: "
+                        "wrap it in a list")
+    batches = [ExampleInputs.of(c) for c in calibration]
+    if not batches:
+        raise PassError("calibration data is empty: give at least one batch of inputs")
+    return batches
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _fmt_drift(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.2e}" if x else "0"
+
+
+def format_records(records: list[PassRecord]) -> str:
+    """A fixed-width table of records (what ``fxopt optimize --report`` prints)."""
+    head = ["#", "pass", "status", "nodes", "Δnodes", "params MiB", "max |Δ|", "mean |Δ|", "seconds", "notes"]
+    rows = []
+    prev = None
+    for r in records:
+        dn = "" if prev is None else f"{r.num_nodes - prev:+d}"
+        prev = r.num_nodes
+        note = "; ".join(r.notes)
+        if len(note) > 70:
+            note = note[:67] + "..."
+        rows.append([str(r.index), r.name, r.status + ("*" if r.modified else ""), str(r.num_nodes), dn,
+                     _fmt_bytes(r.param_bytes), _fmt_drift(r.drift_max), _fmt_drift(r.drift_mean),
+                     f"{r.seconds:.3f}", note])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out) + "\n(* = the pass changed the graph; drift = outputs vs. the original model on the example inputs)\n"

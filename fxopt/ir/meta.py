@@ -1,0 +1,190 @@
+"""Every ``node.meta`` / ``graph_module.meta`` key that fxopt reads or writes, typed, in one place.
+
+torch.export already fills a few keys that we read but never write (``val``, ``tensor_meta``,
+``nn_module_stack``, ``stack_trace``). fxopt's own keys are prefixed ``fxopt_`` so they never
+collide with PyTorch's. A key is a small typed descriptor::
+
+    PROVENANCE.set(node, "constant-folding")
+    PROVENANCE.get(node)            # -> "constant-folding" or None
+
+``set`` checks the value's type, so a pass that writes the wrong thing fails where it writes,
+not three passes later where another reads. The dataclasses below are the values; later passes
+(quantization, sparsity, MoE) fill the ones that belong to them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.fx
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MetaKey(Generic[T]):
+    """A typed key of ``node.meta`` (or of ``GraphModule.meta`` when ``on_graph``)."""
+
+    name: str
+    type: Any
+    doc: str
+    writable: bool = True
+    on_graph: bool = False
+
+    def _store(self, owner) -> dict:
+        return owner.meta
+
+    def get(self, owner, default: T | None = None) -> T | None:
+        return self._store(owner).get(self.name, default)
+
+    def has(self, owner) -> bool:
+        return self.name in self._store(owner)
+
+    def set(self, owner, value: T) -> None:
+        if not self.writable:
+            raise AttributeError(f"meta key {self.name!r} is written by torch.export, not by fxopt")
+        if self.type is not Any and not isinstance(value, self.type):
+            raise TypeError(
+                f"meta key {self.name!r} takes {getattr(self.type, '__name__', self.type)}, "
+                f"got {type(value).__name__}"
+            )
+        self._store(owner)[self.name] = value
+
+    def pop(self, owner) -> T | None:
+        return self._store(owner).pop(self.name, None)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass
+class CaptureInfo:
+    """How a GraphModule was captured; lowering and the CLI read it back."""
+
+    method: str                                   # "export" or "symbolic_trace+export"
+    input_names: list[str]                        # flat tensor inputs, in graph order
+    output_names: list[str]                       # flat tensor outputs (ModelOutput keys, output_0, ...)
+    dynamic_axes: dict[str, dict[int, str]]       # input name -> {dim: symbolic name}
+    bound_kwargs: dict[str, Any] = field(default_factory=dict)  # non-tensor kwargs bound at capture
+    model_class: str = ""
+    normalizations: list[str] = field(default_factory=list)     # e.g. "addmm->linear: transformer.h.0.attn.c_attn"
+
+
+@dataclass
+class ObserverStats:
+    """Calibration statistics of one tensor (filled by calibration, issue #3)."""
+
+    min: torch.Tensor | None = None
+    max: torch.Tensor | None = None
+    absmax_per_channel: torch.Tensor | None = None
+    num_batches: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class QuantSpec:
+    """How a tensor is quantized: the arguments of ``fxopt::quantize``."""
+
+    dtype: torch.dtype
+    quant_min: int
+    quant_max: int
+    granularity: str            # "per_tensor" | "per_channel" | "per_token" | "per_group"
+    axis: int = -1
+    group_size: int = 0
+    symmetric: bool = True
+    dynamic: bool = False
+
+
+@dataclass
+class NMMask:
+    """An N:M sparsity mask applied to a weight (issue #4)."""
+
+    n: int
+    m: int
+    weight: str                 # qualified name of the masked parameter
+    kept_magnitude: float = 0.0
+    total_magnitude: float = 0.0
+
+
+@dataclass
+class PermutationRecord:
+    """A channel permutation applied to a coupled group (issue #4)."""
+
+    group_id: int
+    perm: torch.Tensor
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MoEBlock:
+    """A recognized mixture-of-experts block (issue #5)."""
+
+    router: str
+    experts: list[str]
+    top_k: int
+    num_experts: int
+    module_path: str = ""
+
+
+# --------------------------------------------------------------------------- keys
+
+# Written by torch.export; fxopt reads them.
+VAL: MetaKey[Any] = MetaKey("val", Any, "FakeTensor (or SymInt / tuple) of the node's output", writable=False)
+TENSOR_META: MetaKey[Any] = MetaKey("tensor_meta", Any, "TensorMetadata: shape, dtype, stride", writable=False)
+NN_MODULE_STACK: MetaKey[dict] = MetaKey(
+    "nn_module_stack", dict, "{key: (module path, module class)} from the root to the innermost module", writable=False
+)
+STACK_TRACE: MetaKey[str] = MetaKey("stack_trace", str, "Python stack of the source line", writable=False)
+
+# fxopt's own.
+PROVENANCE: MetaKey[str] = MetaKey("fxopt_provenance", str, "name of the pass that created this node")
+SOURCE_PATH: MetaKey[str] = MetaKey(
+    "fxopt_source_path", str, "module path kept for nodes a pass created (they have no nn_module_stack)"
+)
+CALIB_STATS: MetaKey[ObserverStats] = MetaKey("fxopt_calib", ObserverStats, "calibration statistics of the output")
+QSPEC: MetaKey[QuantSpec] = MetaKey("fxopt_qspec", QuantSpec, "quantization spec of a Q node")
+NM_MASK: MetaKey[NMMask] = MetaKey("fxopt_nm_mask", NMMask, "N:M mask applied to the weight of a linear")
+PERMUTATION: MetaKey[PermutationRecord] = MetaKey("fxopt_perm", PermutationRecord, "permutation applied")
+MOE: MetaKey[MoEBlock] = MetaKey("fxopt_moe", MoEBlock, "MoE block description on the block's output node")
+
+# On GraphModule.meta.
+CAPTURE: MetaKey[CaptureInfo] = MetaKey("fxopt_capture", CaptureInfo, "how the graph was captured", on_graph=True)
+APPLIED: MetaKey[list] = MetaKey("fxopt_applied", list, "pipeline text of each pass applied so far", on_graph=True)
+
+ALL_KEYS = [VAL, TENSOR_META, NN_MODULE_STACK, STACK_TRACE, PROVENANCE, SOURCE_PATH, CALIB_STATS, QSPEC,
+            NM_MASK, PERMUTATION, MOE, CAPTURE, APPLIED]
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The innermost source module path of ``node`` (``encoder.layer.3.attention.self.query``), or ''."""
+    kept = SOURCE_PATH.get(node)
+    if kept:
+        return kept
+    stack = NN_MODULE_STACK.get(node)
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return path
+
+
+def describe(node: torch.fx.Node) -> str:
+    """``'linear_3' (aten.linear.default at encoder.layer.0.attention.self.query)`` for error messages."""
+    where = module_path(node)
+    target = node.target if node.op != "call_function" else _op_name(node.target)
+    return f"'{node.name}' ({target}{' at ' + where if where else ''})"
+
+
+def _op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target._opname}.{target._overloadname}" if target.namespace == "aten" else str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """A short, stable name for the op a node runs: ``aten.linear.default``, ``getitem``, ``placeholder``."""
+    if node.op == "call_function":
+        return _op_name(node.target)
+    if node.op in ("call_module", "call_method"):
+        return f"{node.op}:{node.target}"
+    return node.op

@@ -1,0 +1,357 @@
+"""Structure analysis: the groups of nodes a rewrite must treat together, derived from the graph.
+
+Nothing here looks at module names: groups come from data flow, so a renamed or unusual model
+is analysed the same way as a stock HF one, and what cannot be proven safe is reported with a
+reason instead of being guessed.
+
+* :func:`linears` — every ``aten.linear`` whose weight is a parameter (``get_attr``).
+* :func:`norms` — LayerNorm, ``aten.rms_norm`` and the hand-written RMSNorm
+  (``w · (x · rsqrt(mean(x²) + ε))``, as Llama/SmolLM2 write it).
+* :func:`norm_groups` — each norm and *all* the consumers of its output, split into linears and
+  others (a residual add, a router, ...): SmoothQuant may fold into the norm only when every
+  consumer is compensated.
+* :func:`channel_groups` — producer/consumer channel coupling: linears whose output channels
+  flow, through channel-preserving ops, into other linears' input channels (FFN fc1 → act → fc2;
+  gate·up → down). Channels that reach a reshape, a residual add, a graph output or any op we do
+  not model make the group *escape*, with the reason.
+* :func:`shared_parameters` — tensors read by more than one op or under more than one name
+  (tied embeddings): a pass must not rescale them in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx
+
+from .graph import get_attr
+from .meta import describe, module_path
+
+aten = torch.ops.aten
+
+#: Ops that only move or recast a value: a consumer behind them still sees the same channels.
+TRANSPARENT = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.clone.default,
+    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.dropout.default,
+    aten.type_as.default, aten.lift_fresh_copy.default,
+}
+#: Ops that read a tensor for checks only.
+IGNORED_USERS = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
+#: Elementwise ops of one tensor (other args are scalars): channels pass through unchanged.
+UNARY = {
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+    aten.neg.default, aten.abs.default, aten.exp.default, aten.erf.default, aten.sqrt.default,
+    aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.leaky_relu.default, aten.softplus.default,
+    aten.clamp.default, aten.mish.default, aten.hardswish.default, aten.elu.default,
+    aten.mul.Scalar, aten.add.Scalar, aten.div.Scalar, aten.sub.Scalar,
+}
+#: Elementwise ops of two tensors (broadcasting).
+BINARY = {aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor}
+
+
+@dataclass
+class LinearInfo:
+    node: torch.fx.Node
+    weight: str                  # get_attr target of the weight, [out, in]
+    bias: str | None
+    in_features: int
+    out_features: int
+
+    @property
+    def path(self) -> str:
+        return module_path(self.node) or self.node.name
+
+
+@dataclass
+class NormInfo:
+    node: torch.fx.Node          # the node whose output is the normalized, scaled value
+    kind: str                    # "layer_norm" | "rms_norm"
+    weight: str | None
+    bias: str | None
+
+    @property
+    def path(self) -> str:
+        return module_path(self.node) or self.node.name
+
+
+@dataclass
+class NormGroup:
+    norm: NormInfo
+    linears: list[LinearInfo]
+    others: list[torch.fx.Node]  # consumers that are not linears reading the value as input
+
+    @property
+    def only_linears(self) -> bool:
+        return bool(self.linears) and not self.others
+
+
+@dataclass
+class ChannelGroup:
+    """Linears sharing one channel space: producers' output rows ↔ consumers' input columns."""
+
+    producers: list[LinearInfo]
+    consumers: list[LinearInfo]
+    params: list[tuple[str, int]] = field(default_factory=list)  # (target, dim) that carry the channels too
+    escapes: list[str] = field(default_factory=list)
+    channels: int = 0
+
+    @property
+    def permutable(self) -> bool:
+        return not self.escapes and bool(self.consumers)
+
+
+@dataclass
+class SharedParam:
+    targets: list[str]
+    users: list[torch.fx.Node]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_call(n, targets) -> bool:
+    return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _strip(n: torch.fx.Node) -> torch.fx.Node:
+    """Walk up through transparent ops (casts, clones)."""
+    while _is_call(n, TRANSPARENT):
+        n = n.args[0]
+    return n
+
+
+def _val(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def compute_users(n: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(user, the node it reads) for every real user of ``n``, looking through transparent ops."""
+    out = []
+    stack = [n]
+    seen = set()
+    while stack:
+        cur = stack.pop()
+        for u in cur.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if _is_call(u, IGNORED_USERS):
+                continue
+            if _is_call(u, TRANSPARENT) and u.args[0] is cur:
+                stack.append(u)
+            else:
+                out.append((u, cur))
+    return out
+
+
+# --------------------------------------------------------------------------- linears and norms
+
+
+def linears(gm: torch.fx.GraphModule) -> list[LinearInfo]:
+    out = []
+    for n in gm.graph.nodes:
+        if not _is_call(n, {aten.linear.default}):
+            continue
+        w = n.args[1]
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+            continue
+        if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
+            continue
+        wt = get_attr(gm, w.target)
+        out.append(LinearInfo(n, w.target, b.target if b is not None else None, wt.shape[1], wt.shape[0]))
+    return out
+
+
+def linear_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearInfo | None:
+    for info in linears(gm):
+        if info.node is node:
+            return info
+    return None
+
+
+def _attr(n) -> str | None:
+    return n.target if isinstance(n, torch.fx.Node) and n.op == "get_attr" else None
+
+
+def norms(gm: torch.fx.GraphModule) -> list[NormInfo]:
+    out = []
+    for n in gm.graph.nodes:
+        if _is_call(n, {aten.layer_norm.default}):
+            w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+            b = n.args[3] if len(n.args) > 3 else n.kwargs.get("bias")
+            out.append(NormInfo(n, "layer_norm", _attr(w), _attr(b)))
+        elif _is_call(n, {aten.rms_norm.default}):
+            w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+            out.append(NormInfo(n, "rms_norm", _attr(w), None))
+        elif _is_call(n, {aten.mul.Tensor}):
+            info = _manual_rms_norm(gm, n)
+            if info:
+                out.append(info)
+    return out
+
+
+def _manual_rms_norm(gm, n: torch.fx.Node) -> NormInfo | None:
+    """``mul(w, cast(mul(x, rsqrt(add(mean(pow(x, 2)), eps)))))`` in either operand order."""
+    a, b = n.args[0], n.args[1]
+    for w, x in ((a, b), (b, a)):
+        if _attr(w) is None or not isinstance(x, torch.fx.Node):
+            continue
+        wt = get_attr(gm, w.target)
+        if wt.dim() != 1:
+            continue
+        inner = _strip(x)
+        if not _is_call(inner, {aten.mul.Tensor}):
+            continue
+        for r in inner.args:
+            if _is_call(r, {aten.rsqrt.default}):
+                s = r.args[0]
+                if _is_call(s, {aten.add.Tensor, aten.add.Scalar}):
+                    s = s.args[0]
+                if _is_call(s, {aten.mean.dim}) and _is_call(s.args[0], {aten.pow.Tensor_Scalar}):
+                    return NormInfo(n, "rms_norm", w.target, None)
+    return None
+
+
+def norm_groups(gm: torch.fx.GraphModule) -> list[NormGroup]:
+    """Each norm with every consumer of its output (through casts), linears separated."""
+    groups = []
+    for info in norms(gm):
+        lins, others = [], []
+        for user, via in compute_users(info.node):
+            li = linear_of(gm, user) if _is_call(user, {aten.linear.default}) else None
+            if li is not None and user.args[0] is via:
+                lins.append(li)
+            else:
+                others.append(user)
+        groups.append(NormGroup(info, lins, others))
+    return groups
+
+
+# --------------------------------------------------------------------------- channel coupling
+
+
+def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
+    """Group linears by shared channel space (see module docstring).
+
+    Graph construction: every linear output is a seed. From each node carrying the channels we
+    follow its users: transparent and unary ops carry them on; a binary elementwise op with a
+    parameter of ``C`` channels makes that parameter a member; with a tensor broadcast along the
+    channels (last dim 1) it carries them; with another channel-carrying tensor it *joins* the
+    two spaces (gated MLPs). A linear reading the value as its input is a consumer. Anything
+    else is an escape. Connected components of the join graph (networkx) are the groups.
+    """
+    lin_by_node = {li.node: li for li in linears(gm)}
+    g = nx.Graph()
+    forward: set[torch.fx.Node] = set(lin_by_node)
+    consumers: dict[torch.fx.Node, list[LinearInfo]] = {}
+    params: dict[torch.fx.Node, list[tuple[str, int]]] = {}
+    escapes: dict[torch.fx.Node, list[str]] = {}
+    channels: dict[torch.fx.Node, int] = {}
+
+    stack = list(lin_by_node)
+    for s in stack:
+        g.add_node(s)
+        channels[s] = lin_by_node[s].out_features
+    visited = set()
+    while stack:
+        n = stack.pop()
+        if n in visited:
+            continue
+        visited.add(n)
+        c = channels.get(n)
+        for u in list(n.users):
+            if _is_call(u, IGNORED_USERS):
+                continue
+            reason = None
+            if u.op == "output":
+                reason = "is a graph output"
+            elif u in lin_by_node and u.args[0] is n:
+                consumers.setdefault(n, []).append(lin_by_node[u])
+                continue
+            elif _is_call(u, TRANSPARENT | UNARY) and u.args[0] is n:
+                _carry(g, n, u, stack, forward, channels, c)
+                continue
+            elif _is_call(u, BINARY) and len(u.args) >= 2:
+                other = u.args[1] if u.args[0] is n else u.args[0]
+                ov = _val(other)
+                if not isinstance(other, torch.fx.Node) or ov is None or ov.dim() == 0 or ov.shape[-1] == 1:
+                    _carry(g, n, u, stack, forward, channels, c)        # scalar / broadcast along channels
+                    continue
+                if other.op == "get_attr" and ov.shape[-1] == c and all(d == 1 for d in ov.shape[:-1]):
+                    params.setdefault(n, []).append((other.target, ov.dim() - 1))
+                    _carry(g, n, u, stack, forward, channels, c)
+                    continue
+                if ov.shape[-1] == c:
+                    g.add_edge(other, u)                               # join: other must carry these channels too
+                    _carry(g, n, u, stack, forward, channels, c)
+                    continue
+                reason = f"meets a tensor of shape {tuple(ov.shape)} in {describe(u)}"
+            else:
+                reason = f"flows into {describe(u)}"
+            escapes.setdefault(n, []).append(f"{describe(n)} {reason}")
+
+    groups = []
+    for comp in nx.connected_components(g):
+        seeds = [m for m in comp if m in lin_by_node]
+        if not seeds:
+            continue
+        grp = ChannelGroup(
+            producers=sorted((lin_by_node[m] for m in seeds), key=lambda li: li.node.name),
+            consumers=[],
+            channels=channels.get(seeds[0], 0),
+        )
+        for li in grp.producers:
+            if li.bias:
+                grp.params.append((li.bias, 0))
+        for m in comp:
+            grp.consumers += consumers.get(m, [])
+            grp.params += params.get(m, [])
+            grp.escapes += escapes.get(m, [])
+            if m not in forward:
+                grp.escapes.append(f"{describe(m)} joins the channels but is not computed from a linear of this group")
+        if len({li.out_features for li in grp.producers}) > 1:
+            grp.escapes.append("producers disagree on the channel count")
+        grp.consumers = sorted({id(c): c for c in grp.consumers}.values(), key=lambda li: li.node.name)
+        groups.append(grp)
+    groups.sort(key=lambda gr: gr.producers[0].node.name)
+    return groups
+
+
+def _carry(g, n, u, stack, forward, channels, c):
+    g.add_edge(n, u)
+    forward.add(u)
+    channels[u] = c
+    stack.append(u)
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+def shared_parameters(gm: torch.fx.GraphModule) -> list[SharedParam]:
+    """Tensors read by more than one compute op, or aliased under several names (tied weights)."""
+    by_storage: dict[tuple, list[torch.fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        t = get_attr(gm, n.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        by_storage.setdefault(key, []).append(n)
+    out = []
+    for nodes in by_storage.values():
+        users = []
+        for n in nodes:
+            users += [u for u, _ in compute_users(n)]
+        users = list(dict.fromkeys(users))
+        targets = sorted({n.target for n in nodes})
+        if len(users) > 1 or (len(targets) > 1 and users):
+            out.append(SharedParam(targets, users))
+    return out
+
+
+def is_shared(gm: torch.fx.GraphModule, target: str) -> bool:
+    return any(target in sp.targets for sp in shared_parameters(gm))

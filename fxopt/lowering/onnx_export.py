@@ -1,0 +1,221 @@
+"""Lower a captured (and optimized) GraphModule to ONNX that ONNX Runtime runs.
+
+Path: ``torch.onnx.export(gm, ..., dynamo=True, custom_translation_table=TRANSLATIONS)`` — the
+maintained exporter (torch.export → ONNX through onnxscript's torchlib). The legacy TorchScript
+exporter is never used: on MiniLM here it silently produced outputs with cosine 0.958 vs. torch.
+
+Steps, each failing with a message that says what to do:
+
+1. the output path is checked for writability before any work;
+2. fxopt ops are checked for an ONNX form (:func:`~fxopt.lowering.onnx_ops.check_lowerable`);
+3. export with the dynamic axes recorded at capture (``batch``, ``seq``), outputs named as the
+   model names them (``last_hidden_state``, ``logits``), weights inside the one file when the
+   model is under 2 GB (external data beside it otherwise);
+4. the file is written atomically, then ``onnx.checker.check_model(full_check=True)`` (which
+   includes strict shape inference);
+5. verification: ONNX Runtime runs the file on the example inputs and its outputs are compared
+   with the GraphModule's (max abs / max rel error in the report).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from .. import _io
+from ..ir.graph import ExampleInputs, call, flatten_tensors, parameter_bytes
+from ..ir.meta import CAPTURE
+from .onnx_ops import OPSET, TRANSLATIONS, check_lowerable
+
+TWO_GB = 2 * 1024**3
+
+
+class LoweringError(RuntimeError):
+    """The graph could not be lowered to valid ONNX; the message names the cause."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    bytes: int
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    ops: dict[str, int]
+    seconds: float
+    external_data: bool = False
+    max_abs: float | None = None
+    max_rel: float | None = None
+    verified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        v = (f"ORT vs PyTorch: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+             if self.max_abs is not None else "not verified")
+        return (f"{self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {sum(self.ops.values())} nodes, "
+                f"{self.seconds:.1f} s); inputs {self.inputs}; outputs {self.outputs}; {v}")
+
+
+def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any, *,
+                dynamic: bool | dict | None = True, opset: int = OPSET, verify: bool = True,
+                atol: float = 1e-4, rtol: float = 1e-3, check: bool = True) -> ExportReport:
+    """Export ``gm`` to ``path``; returns an :class:`ExportReport`.
+
+    ``dynamic=True`` keeps the dynamic axes recorded at capture, ``None``/``False`` exports
+    static shapes, a dict ``{input: {dim: name}}`` picks them. With ``verify`` the ORT outputs
+    must match the GraphModule within ``atol + rtol·|y|`` or :class:`LoweringError` is raised.
+    """
+    import onnx
+
+    t0 = time.perf_counter()
+    path = _io.check_writable(path)
+    inputs = ExampleInputs.of(example_inputs)
+    problems = check_lowerable(gm)
+    if problems:
+        raise LoweringError("cannot lower to ONNX:\n  - " + "\n  - ".join(problems))
+    info = CAPTURE.get(gm)
+    dyn_spec = _dynamic_spec(gm, inputs, dynamic, info)
+    output_names = list(info.output_names) if info else None
+    external = parameter_bytes(gm) > TWO_GB * 0.9
+
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                gm, inputs.args, kwargs=inputs.kwargs or None, dynamo=True, external_data=external,
+                dynamic_shapes=dyn_spec, custom_translation_table=TRANSLATIONS, opset_version=opset,
+                output_names=output_names, optimize=True, verbose=False, report=False,
+            )
+    except Exception as e:  # noqa: BLE001
+        raise LoweringError(_explain_export_failure(e)) from e
+
+    if external:
+        _save_external(program, path, check)
+    else:
+        with _io.atomic_path(path, suffix=".onnx") as tmp:
+            program.save(str(tmp))
+            if check:
+                _check(tmp)
+    model = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    report = ExportReport(
+        path=path, bytes=path.stat().st_size, opset=opset, inputs=[i.name for i in model.graph.input],
+        outputs=[o.name for o in model.graph.output], ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        seconds=0.0, external_data=external)
+    if verify:
+        _verify(gm, report, inputs, atol, rtol)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _verify(gm, report: ExportReport, inputs: ExampleInputs, atol: float, rtol: float) -> None:
+    from ..backends.ort import OrtBackend
+
+    ref = [t.detach().cpu().numpy() for t in flatten_tensors(call(gm, inputs))]
+    got = OrtBackend(report.path).run(inputs)
+    if len(got) != len(ref):
+        raise LoweringError(f"ONNX Runtime returned {len(got)} outputs, the graph {len(ref)}")
+    max_abs, max_rel, bad = 0.0, 0.0, []
+    for name, r, g in zip(report.outputs, ref, got):
+        if r.shape != g.shape:
+            raise LoweringError(f"output {name!r}: ONNX Runtime shape {g.shape} != PyTorch {r.shape}")
+        d = np.abs(r.astype(np.float64) - g.astype(np.float64))
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        if d.size:
+            max_abs = max(max_abs, float(d.max()))
+            max_rel = max(max_rel, float(d.max()) / max(scale, 1e-12))
+            if float(d.max()) > atol + rtol * scale:
+                bad.append(f"{name}: max |Δ| {float(d.max()):.3g} (|y| up to {scale:.3g})")
+    report.max_abs, report.max_rel = max_abs, max_rel
+    if bad:
+        raise LoweringError("ONNX Runtime's outputs differ from PyTorch's beyond tolerance "
+                            f"(atol {atol}, rtol {rtol}): " + "; ".join(bad) + f"; the file is at {report.path}")
+    report.verified = True
+
+
+def _dynamic_spec(gm, inputs: ExampleInputs, dynamic, info):
+    if not dynamic:
+        return None
+    axes = dynamic if isinstance(dynamic, dict) else (info.dynamic_axes if info else {})
+    if not axes:
+        return None
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    spec_args = []
+    for i, a in enumerate(inputs.args):
+        name = names[i] if i < len(names) else f"arg{i}"
+        spec_args.append({int(d): str(v) for d, v in axes.get(name, {}).items()} or None
+                         if isinstance(a, torch.Tensor) else None)
+    spec_kwargs = {k: ({int(d): str(v) for d, v in axes.get(k, {}).items()} or None) for k in inputs.kwargs}
+    if inputs.args and not inputs.kwargs:
+        return tuple(spec_args)
+    if not inputs.args:
+        return spec_kwargs
+    return {**{names[i]: s for i, s in enumerate(spec_args)}, **spec_kwargs}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs progress and registry warnings (torchvision ops) we do not want to show."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                              "onnxscript", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _explain_export_failure(e: Exception) -> str:
+    msg = str(e)
+    summary = msg
+    if "## Exception summary" in msg:
+        summary = msg.split("## Exception summary", 1)[1].strip().split("\n(Refer", 1)[0].strip()
+    hint = ""
+    low = msg.lower()
+    if "dynamic" in low and ("static" in low or "specializ" in low):
+        hint = ("\nWhat to try: the graph was captured with static shapes (or a pass specialized them); export "
+                "with dynamic=None, or capture with dynamic=True.")
+    elif "no decomposition" in low or "unsupported" in low or "not implemented" in low:
+        hint = "\nWhat to try: an op has no ONNX translation; add one to fxopt.lowering.onnx_ops.TRANSLATIONS."
+    return f"ONNX export failed: {summary[:2000]}{hint}"
+
+
+def _check(p: Path) -> None:
+    import onnx
+    try:
+        onnx.checker.check_model(str(p), full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise LoweringError(f"the exported model fails onnx.checker: {e}") from e
+
+
+def _save_external(program, path: Path, check: bool) -> None:
+    """Over 2 GB: weights go to ``<name>.data`` beside the model. Both are written under their
+    final names in a temporary folder next to ``path``, checked, then moved (data first)."""
+    import shutil
+    import tempfile
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = tmpdir / path.name
+        program.save(str(staged), external_data=True)
+        if check:
+            _check(staged)
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

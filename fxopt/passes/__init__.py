@@ -1,0 +1,19 @@
+"""fxopt.passes: the pass contract, the registry, pipelines as text, the manager and instruments.
+
+Every pass module registers itself on import; importing this package makes all of them
+available by name (``fxopt.passes.registry()``).
+"""
+from .base import (NotApplicable, Pass, PassContext, PassError, PassResult, PostconditionError, PreconditionError,
+                   get_pass_class, register_pass, registry)
+from .instruments import Bisect, Dump, Instrument, PassRecord, PrintAfter, diff_records
+from .manager import PassFailedError, PassManager, measure_drift, run_passes
+from .pipeline import PRESETS, PipelineSyntaxError, check_order, format_pipeline, make_pass, parse_pipeline, resolve
+
+# Passes (each registers itself).
+from . import dce, cse, constant_folding  # noqa: E402,F401
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassError", "PreconditionError", "PostconditionError",
+           "NotApplicable", "register_pass", "registry", "get_pass_class", "PassManager", "PassFailedError",
+           "run_passes", "measure_drift", "PassRecord", "Instrument", "PrintAfter", "Dump", "Bisect",
+           "diff_records", "parse_pipeline", "format_pipeline", "make_pass", "resolve", "check_order", "PRESETS",
+           "PipelineSyntaxError"]
