@@ -123,7 +123,8 @@ def optimize(
                                                                   if not isinstance(model, torch.fx.GraphModule)}})
     flags = {m: m.training for m in reference_model.modules()}   # restored exactly: never mutate the caller's model
     try:
-        reference_model.eval()
+        if not isinstance(reference_model, torch.fx.GraphModule):  # exported graphs refuse .eval(); they are eval already
+            reference_model.eval()
         reference = flatten_tensors(call(reference_model, ref_inputs))
     finally:
         for m, flag in flags.items():

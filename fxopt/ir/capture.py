@@ -63,7 +63,7 @@ def capture(
         raise CaptureError(f"capture takes an nn.Module, got {type(model).__name__}")
     inputs = ExampleInputs.of(example_inputs)
     tensor_inputs, constants = inputs.split_constants()
-    work = _prepared_copy(model, constants)
+    work, constants = _prepared_copy(model, constants)
     dyn_axes = _dynamic_axes(work, tensor_inputs, dynamic)
     dyn_shapes = _export_dynamic_shapes(work, tensor_inputs, dyn_axes) if dyn_axes else None
 
@@ -111,7 +111,7 @@ def capture(
 # --------------------------------------------------------------------------- preparation
 
 
-def _prepared_copy(model: torch.nn.Module, constants: dict) -> torch.nn.Module:
+def _prepared_copy(model: torch.nn.Module, constants: dict) -> tuple[torch.nn.Module, dict]:
     try:
         work = clone(model)
     except Exception as e:  # noqa: BLE001
@@ -134,7 +134,7 @@ def _prepared_copy(model: torch.nn.Module, constants: dict) -> torch.nn.Module:
             raise CaptureError(f"{type(model).__name__}.forward has no parameter(s) {unknown}: "
                                f"it takes {list(params)}")
         work.forward = functools.partial(work.forward, **constants)
-    return work
+    return work, constants
 
 
 def _forward_params(m: torch.nn.Module) -> dict:

@@ -46,6 +46,12 @@ UNARY = {
     aten.clamp.default, aten.mish.default, aten.hardswish.default, aten.elu.default,
     aten.mul.Scalar, aten.add.Scalar, aten.div.Scalar, aten.sub.Scalar,
 }
+#: Reshapes: they keep the channels when the last dim is unchanged (row-major order keeps
+#: ``flat_index mod C``), e.g. GPT-2's ``view(-1, C)`` around its Conv1D.
+RESHAPES = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+}
 #: Elementwise ops of two tensors (broadcasting).
 BINARY = {aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor}
 
@@ -274,6 +280,9 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
             elif _is_call(u, TRANSPARENT | UNARY) and u.args[0] is n:
                 _carry(g, n, u, stack, forward, channels, c)
                 continue
+            elif _is_call(u, RESHAPES) and u.args[0] is n and _last_dim(u) == c == _last_dim(n):
+                _carry(g, n, u, stack, forward, channels, c)
+                continue
             elif _is_call(u, BINARY) and len(u.args) >= 2:
                 other = u.args[1] if u.args[0] is n else u.args[0]
                 ov = _val(other)
@@ -318,6 +327,11 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
         groups.append(grp)
     groups.sort(key=lambda gr: gr.producers[0].node.name)
     return groups
+
+
+def _last_dim(n) -> int | None:
+    v = _val(n)
+    return int(v.shape[-1]) if v is not None and v.dim() > 0 else None
 
 
 def _carry(g, n, u, stack, forward, channels, c):

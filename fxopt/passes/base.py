@@ -107,7 +107,17 @@ class Pass:
         return format_pass(self)
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
-        return self.call(gm, ctx or PassContext())
+        """Run the pass alone (requires → call → ensures), outside a manager."""
+        ctx = ctx or PassContext()
+        try:
+            self.requires(gm, ctx)
+        except NotApplicable as na:
+            return PassResult(gm, False, notes=[f"not applied: {na}"])
+        result = self.call(gm, ctx)
+        self.ensures(result, ctx)
+        if result.modified:
+            result.graph_module.recompile()
+        return result
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

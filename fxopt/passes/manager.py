@@ -128,7 +128,7 @@ class PassManager:
                     status = "ran"
             except Exception as e:  # noqa: BLE001
                 repro = self._reproduce(p, index, snapshot, ctx, e)
-                before = ", ".join(ctx.applied) or "(none)"
+                before = ", ".join(format_pass(q) for q in self.passes[:offset]) or "(none)"
                 where = f"; reproducer written to {repro}" if repro else ""
                 raise PassFailedError(f"pass #{index} {name!r} failed: {type(e).__name__}: {e}\n"
                                       f"passes before it: {before}{where}", repro) from e
@@ -148,7 +148,8 @@ class PassManager:
                     repro = self._reproduce(p, index, snapshot, ctx, None)
                     raise PostconditionError(
                         f"pass #{index} {name!r} is declared exact but changed the outputs: max |Δ| = "
-                        f"{rec.drift_max:.3g} > {bound:.3g} (passes before it: {', '.join(ctx.applied[:-1]) or '(none)'})"
+                        f"{rec.drift_max:.3g} > {bound:.3g} (passes before it: "
+                        f"{', '.join(format_pass(q) for q in self.passes[:offset]) or '(none)'})"
                         + (f"; reproducer written to {repro}" if repro else ""))
             for inst in self.instruments:
                 inst.run_after_pass(p, rec, gm, ctx)

@@ -1,0 +1,113 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import fxopt
+from fxopt import models
+from fxopt._io import OutputPathError
+from fxopt.backends import OrtBackend
+from fxopt.ir import capture
+from fxopt.lowering import LoweringError, export_onnx
+from tests.helpers import outputs
+
+
+def test_tiny_gpt_exports_and_matches(tiny_gpt, tmp_path):
+    res = fxopt.optimize(tiny_gpt.model, "cleanup", tiny_gpt.example_inputs, dynamic=True)
+    rep = res.export_onnx(tmp_path / "gpt.onnx")
+    assert rep.verified and rep.max_abs < 1e-4
+    model = onnx.load(str(rep.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert rep.inputs == ["idx"] and rep.outputs == ["output"]
+    dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    assert not list(tmp_path.glob(".*"))                  # no temp files left by the atomic write
+    assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    # other batch and sequence sizes run in ORT and match
+    idx = torch.randint(0, 256, (3, 17))
+    got = OrtBackend(rep.path).run((idx,))[0]
+    assert np.abs(got - outputs(res.module, (idx,))[0].numpy()).max() < 1e-4
+
+
+def test_static_export_has_fixed_dims(tiny_gpt, tmp_path):
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    rep = export_onnx(gm, tmp_path / "s.onnx", tiny_gpt.example_inputs)
+    dims = [d.dim_value for d in onnx.load(str(rep.path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == list(tiny_gpt.example_inputs[0].shape)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny", "llama-tiny", "mixtral-tiny"])
+def test_hf_configs_match_in_onnx_runtime(name, tmp_path):
+    lm = models.hf_tiny(name, layers=2)
+    res = fxopt.optimize(lm.model, "cleanup", lm.example_inputs, dynamic=True)
+    rep = res.export_onnx(tmp_path / f"{name}.onnx")
+    assert rep.verified and rep.max_abs < 1e-4
+    expected = {"bert-tiny": ["last_hidden_state", "pooler_output"]}.get(name, ["logits"])
+    assert rep.outputs == expected
+    # compare against the *original* HF model, not only the graph
+    ids = torch.randint(1, 100, (3, 9))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    extra = {} if name == "bert-tiny" else {"use_cache": False}
+    ref = outputs(lm.model, feeds, **extra)[0].numpy()
+    got = OrtBackend(rep.path).run(feeds)[0]
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_unwritable_path_fails_before_exporting(tiny_gpt, tmp_path):
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(OutputPathError, match="cannot create the folder"):
+        export_onnx(gm, blocker / "model.onnx", tiny_gpt.example_inputs)
+    with pytest.raises(OutputPathError, match="is a folder"):
+        export_onnx(gm, tmp_path, tiny_gpt.example_inputs)
+
+
+def test_read_only_folder(tiny_gpt, tmp_path):
+    import os
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):            # root ignores permission bits
+            pytest.skip("running as a user that can write read-only folders")
+        with pytest.raises(OutputPathError, match="not writable"):
+            export_onnx(gm, ro / "m.onnx", tiny_gpt.example_inputs)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_failed_export_keeps_the_old_file(tiny_gpt, tmp_path, monkeypatch):
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old model")
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(LoweringError, match="exporter exploded"):
+        export_onnx(gm, path, tiny_gpt.example_inputs)
+    assert path.read_bytes() == b"old model"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_verification_catches_a_wrong_graph(tiny_gpt, tmp_path, monkeypatch):
+    """If ORT and PyTorch disagree, export_onnx says so instead of returning quietly."""
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    import fxopt.lowering.onnx_export as ox
+    real = ox.call
+    monkeypatch.setattr(ox, "call", lambda m, i: real(m, i) + 1.0)
+    with pytest.raises(LoweringError, match="differ from PyTorch"):
+        export_onnx(gm, tmp_path / "m.onnx", tiny_gpt.example_inputs)
+
+
+def test_blocked_narrow_range_quantize_is_refused(tmp_path):
+    class M(torch.nn.Module):
+        def forward(self, x):
+            s = torch.ones(2, 2)
+            z = torch.zeros(2, 2, dtype=torch.int8)
+            return torch.ops.fxopt.dequantize(torch.ops.fxopt.quantize(x, s, z, 1, 4, -7, 7), s, z, 1, 4)
+    gm = capture(M(), (torch.randn(2, 8),))
+    with pytest.raises(LoweringError, match="blocked quantize with the narrow range"):
+        export_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 8),))

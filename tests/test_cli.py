@@ -1,0 +1,79 @@
+import sys
+
+import onnx
+import pytest
+
+from fxopt.cli import main
+
+FACTORY = "tests.test_cli:make_model"
+
+
+def make_model():
+    import torch
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+    return m, (torch.randn(2, 8),)
+
+
+def test_passes_lists_the_registry(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "constant-folding" in out and "[exact]" in out and "cleanup" in out
+
+
+def test_optimize_prints_the_table_and_graphs(capsys, tmp_path):
+    assert main(["optimize", "tiny-gpt", "--passes", "cleanup", "--print-after-change", "--report",
+                 "--dump", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "graph after 01 dce" in out and "constant-folding" in out and "params MiB" in out
+    assert (tmp_path / "d" / "000_capture.txt").exists() and (tmp_path / "d" / "004_dce.txt").exists()
+
+
+def test_optimize_with_onnx_and_bisect(capsys, tmp_path):
+    assert main(["optimize", FACTORY, "--passes", "dce,cse", "--bisect", "1", "--onnx", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "ORT vs PyTorch: max abs" in out
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+
+
+def test_inspect(capsys):
+    assert main(["inspect", "llama-tiny", "--structure"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.input_layernorm [rms_norm]" in out
+    assert "['model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.up_proj'] → ['model.layers.0.mlp.down_proj']" in out
+    assert "shared parameters:" in out and "lm_head.weight" in out
+    assert main(["inspect", "tiny-gpt", "--diff", "0", "4", "--ops", "--after", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--- 00-capture" in out and "// graph after #1 dce" in out and "aten.linear.default×" in out
+
+
+def test_export(capsys, tmp_path):
+    assert main(["export", "gpt2-tiny", str(tmp_path / "g.onnx"), "--dynamic"]) == 0
+    assert "ORT vs PyTorch" in capsys.readouterr().out
+    dims = [d.dim_param for d in onnx.load(str(tmp_path / "g.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+
+
+def test_demo_on_the_builtin_model(capsys, tmp_path):
+    assert main(["demo", "--model", "tiny-gpt", "--repeats", "2", "--onnx", str(tmp_path / "d.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "ORT vs PyTorch check: PASS" in out and "ONNX Runtime" in out and "speed-up" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["optimize", "no-such-model"], "unknown model"),
+    (["optimize", "tiny-gpt", "--passes", "dce,,cse"], "empty item"),
+    (["optimize", "tiny-gpt", "--passes", "smoothquantt"], "unknown pass"),
+    (["optimize", "nosuchmodule_xyz:factory"], "cannot import"),
+    (["export", "tiny-gpt", "/proc/fxopt/m.onnx"], "cannot"),
+])
+def test_errors_exit_2_with_a_message(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+    eps = [e for e in entry_points(group="console_scripts") if e.name == "fxopt"]
+    assert eps and eps[0].value == "fxopt.cli:main"
+    assert sys.modules["fxopt.cli"].main is main
