@@ -77,3 +77,14 @@ def test_console_script_entry_point():
     eps = [e for e in entry_points(group="console_scripts") if e.name == "fxopt"]
     assert eps and eps[0].value == "fxopt.cli:main"
     assert sys.modules["fxopt.cli"].main is main
+
+
+def test_hf_model_folder(capsys, tmp_path):
+    from fxopt import models
+    lm = models.hf_tiny("bert-tiny", layers=1)
+    lm.model.save_pretrained(tmp_path / "bert")
+    assert main(["optimize", str(tmp_path / "bert"), "--passes", "dce"]) == 0
+    out = capsys.readouterr().out
+    assert "BertModel from" in out and "dce" in out
+    assert main(["optimize", str(tmp_path)]) == 2
+    assert "without config.json" in capsys.readouterr().err

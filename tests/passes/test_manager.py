@@ -155,3 +155,19 @@ def test_optimize_continues_on_a_graph_module(tiny_gpt):
     assert second.module.meta["fxopt_applied"] == ["test-scale-head", "dce"]
     assert first.module.meta["fxopt_applied"] == ["test-scale-head"]       # the input graph is not mutated
     assert second.records[0].drift_max == 0                                  # drift vs. the graph it was given
+
+
+def test_reproducer_script_reruns_the_failing_pass(tiny_gpt, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from fxopt.passes.cse import CommonSubexpressionElimination
+
+    def broken(self, gm, ctx):
+        raise RuntimeError("cse broke")
+    monkeypatch.setattr(CommonSubexpressionElimination, "call", broken)
+    with pytest.raises(PassFailedError):
+        fxopt.optimize(tiny_gpt.model, "dce,cse", tiny_gpt.example_inputs, reproducer_dir=tmp_path)
+    # in a fresh process the real pass runs again on the saved graph
+    proc = subprocess.run([sys.executable, str(tmp_path / "repro.py")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "pass ran without error" in proc.stdout
