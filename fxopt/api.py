@@ -108,6 +108,10 @@ def optimize(
                          "keyword inputs (e.g. tokenizer(texts, return_tensors='pt'))")
     inputs = ExampleInputs.of(example_inputs)
     pass_list = resolve(passes)          # bad pipeline text fails before the (slow) capture
+    calib = _calibration(calibration)
+    auto_dynamic = dynamic is None and calib is not None and _shapes_differ(inputs, calib)
+    if auto_dynamic:
+        dynamic = True                   # calibration batches of other lengths need dynamic dims
 
     t0 = time.perf_counter()
     if isinstance(model, torch.fx.GraphModule) and CAPTURE.get(model) is not None:
@@ -131,7 +135,7 @@ def optimize(
             m.training = flag
 
     ctx = PassContext(example_inputs=inputs, reference_outputs=[t.detach() for t in reference],
-                      calibration=_calibration(calibration))
+                      calibration=calib)
     insts: list[Instrument] = list(instruments)
     if print_after or print_after_change:
         names = None if print_after in (True, None) else set(print_after)
@@ -143,8 +147,11 @@ def optimize(
     manager = PassManager(pass_list, insts, check_exact=check_exact, reproducer_dir=reproducer_dir,
                           measure=measure_drift)
 
+    notes0 = list(CAPTURE.get(gm).normalizations) if CAPTURE.get(gm) else []
+    if auto_dynamic:
+        notes0.append("captured with dynamic batch/seq: calibration batches have other shapes than example_inputs")
     rec0 = make_record(0, "capture", gm, ctx, modified=False, seconds=capture_seconds, status="captured",
-                       notes=list(CAPTURE.get(gm).normalizations) if CAPTURE.get(gm) else [], drift=measure_drift)
+                       notes=notes0, drift=measure_drift)
     for inst in insts:
         if isinstance(inst, Dump):
             inst.write(rec0)
@@ -163,6 +170,11 @@ def _calibration(calibration) -> list[ExampleInputs] | None:
     if not batches:
         raise PassError("calibration data is empty: give at least one batch of inputs")
     return batches
+
+
+def _shapes_differ(inputs: ExampleInputs, batches: list[ExampleInputs]) -> bool:
+    ref = [tuple(t.shape) for _, t in inputs.tensors()]
+    return any([tuple(t.shape) for _, t in b.tensors()] != ref for b in batches)
 
 
 def _fmt_bytes(n: int) -> str:

@@ -369,3 +369,133 @@ def shared_parameters(gm: torch.fx.GraphModule) -> list[SharedParam]:
 
 def is_shared(gm: torch.fx.GraphModule, target: str) -> bool:
     return any(target in sp.targets for sp in shared_parameters(gm))
+
+
+# --------------------------------------------------------------------------- linear scaling paths
+
+
+#: Ops through which a per-channel scale of one operand passes unchanged to the result.
+_SCALE_THROUGH = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Scalar}
+
+
+def scales_linearly(producer: torch.fx.Node, consumers: list[LinearInfo]) -> bool:
+    """True if scaling ``producer``'s output channels by ``1/s`` scales the consumers' inputs by ``1/s``.
+
+    The walk from the producer may pass casts, last-dim-preserving reshapes, and products with
+    other tensors (``silu(gate) · up``: the product is linear in ``up``); it must end at the
+    consumers' inputs. Any other op (an activation, an add) breaks linearity.
+    """
+    targets = {c.node for c in consumers}
+    stack, seen = [producer], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if _is_call(u, IGNORED_USERS):
+                continue
+            if u in targets and u.args[0] is n:
+                continue
+            if _is_call(u, TRANSPARENT) and u.args[0] is n:
+                stack.append(u)
+            elif _is_call(u, RESHAPES) and u.args[0] is n and _last_dim(u) == _last_dim(n):
+                stack.append(u)
+            elif _is_call(u, {aten.mul.Tensor}):
+                stack.append(u)
+            elif _is_call(u, {aten.mul.Scalar, aten.div.Scalar}) and u.args[0] is n:
+                stack.append(u)
+            elif _is_call(u, {aten.div.Tensor}) and u.args[0] is n and u.args[1] is not n:
+                stack.append(u)
+            else:
+                return False
+    return True
+
+
+@dataclass
+class ValueOutputPair:
+    """An attention block's V projection and the output projection that reads its heads."""
+
+    value: LinearInfo
+    output: LinearInfo
+    heads: int
+
+
+def value_output_pairs(gm: torch.fx.GraphModule) -> tuple[list[ValueOutputPair], list[str]]:
+    """V→O pairs whose channels map one to one (multi-head attention without shared KV heads).
+
+    The walk from V must be: reshape to ``[..., H, D]`` → transpose → the *value* of
+    ``scaled_dot_product_attention`` (same number of heads as the query: no GQA) → transpose →
+    reshape to ``[..., H·D]`` → the output linear. Attention is linear in V per channel, so a
+    scale of V's output channel ``c`` reaches O's input column ``c`` unchanged. Returns the pairs
+    and the reasons other V-like linears were skipped.
+    """
+    lins = {li.node: li for li in linears(gm)}
+    pairs, skipped = [], []
+    for sdpa in gm.graph.nodes:
+        if not _is_call(sdpa, {aten.scaled_dot_product_attention.default}):
+            continue
+        v = sdpa.args[2]
+        chain_v = []
+        while _is_call(v, TRANSPARENT | RESHAPES | {aten.transpose.int, aten.permute.default, aten.expand.default,
+                                                       aten.contiguous.default}):
+            chain_v.append(v)
+            v = v.args[0]
+        if v not in lins:
+            continue
+        vinfo = lins[v]
+        qv, vv = _val(sdpa.args[0]), _val(sdpa.args[2])
+        if qv is None or vv is None or qv.dim() != 4 or vv.dim() != 4:
+            skipped.append(f"{vinfo.path}: attention is not 4-D [batch, heads, seq, dim]")
+            continue
+        if sdpa.kwargs.get("enable_gqa") or any(_is_call(c, {aten.expand.default}) for c in chain_v) \
+                or qv.shape[1] != vv.shape[1] or vv.shape[1] * vv.shape[3] != vinfo.out_features:
+            skipped.append(f"{vinfo.path}: key/value heads are shared by several query heads (GQA); "
+                           "V→O smoothing would need one scale per KV-head group")
+            continue
+        if not _transposes_swap_heads_and_seq(chain_v):
+            skipped.append(f"{vinfo.path}: V reaches attention through an unrecognized reshape")
+            continue
+        n, chain_o = sdpa, []
+        while len(n.users) == 1:
+            u = next(iter(n.users))
+            if u in lins:
+                break
+            if not _is_call(u, TRANSPARENT | RESHAPES | {aten.transpose.int, aten.permute.default,
+                                                         aten.contiguous.default}):
+                break
+            chain_o.append(u)
+            n = u
+        users = [u for u in n.users if u in lins and u.args[0] is n]
+        if len(users) != 1 or len(n.users) != 1 or not _transposes_swap_heads_and_seq(chain_o):
+            skipped.append(f"{vinfo.path}: the attention output does not reach one linear through a head merge")
+            continue
+        oinfo = lins[users[0]]
+        if oinfo.in_features != vinfo.out_features:
+            skipped.append(f"{vinfo.path}: {oinfo.path} reads {oinfo.in_features} channels, V makes {vinfo.out_features}")
+            continue
+        pairs.append(ValueOutputPair(vinfo, oinfo, int(vv.shape[1])))
+    return pairs, skipped
+
+
+def _transposes_swap_heads_and_seq(chain: list[torch.fx.Node]) -> bool:
+    """The only reorderings allowed are head↔seq swaps ((1, 2) on 4-D values); reshapes only
+    split or merge the last dim into [heads, dim]."""
+    for n in chain:
+        if _is_call(n, {aten.transpose.int}):
+            dims = sorted(d % 4 for d in n.args[1:3])
+            if dims != [1, 2]:
+                return False
+        elif _is_call(n, {aten.permute.default}):
+            if [d % 4 for d in n.args[1]] != [0, 2, 1, 3]:
+                return False
+        elif _is_call(n, RESHAPES):
+            a, b = _val(n.args[0]), _val(n)
+            if a is None or b is None:
+                return False
+            small, big = (a, b) if a.dim() < b.dim() else (b, a)
+            if not (big.dim() == small.dim() + 1 and tuple(big.shape[:-2]) == tuple(small.shape[:-1])
+                    and big.shape[-2] * big.shape[-1] == small.shape[-1]):
+                if tuple(a.shape) != tuple(b.shape):
+                    return False
+    return True
