@@ -106,7 +106,8 @@ def optimize(
     if example_inputs is None:
         raise ValueError("optimize needs example_inputs: a tensor, a tuple of positional inputs, or a dict of "
                          "keyword inputs (e.g. tokenizer(texts, return_tensors='pt'))")
-    inputs = ExampleInputs.of(example_inputs)
+    given = ExampleInputs.of(example_inputs)
+    inputs, constants = given.split_constants()   # non-tensor kwargs (use_cache=False) are bound at capture
     pass_list = resolve(passes)          # bad pipeline text fails before the (slow) capture
     calib = _calibration(calibration)
     auto_dynamic = dynamic is None and calib is not None and _shapes_differ(inputs, calib)
@@ -118,13 +119,13 @@ def optimize(
         gm = clone(model)
         reference_model = model
     else:
-        gm = capture(model, inputs, dynamic=dynamic, method=capture_method)
+        gm = capture(model, given, dynamic=dynamic, method=capture_method)
         reference_model = model
     capture_seconds = time.perf_counter() - t0
 
     bound = CAPTURE.get(gm).bound_kwargs if CAPTURE.get(gm) else {}
-    ref_inputs = ExampleInputs(inputs.args, {**inputs.kwargs, **{k: v for k, v in bound.items()
-                                                                  if not isinstance(model, torch.fx.GraphModule)}})
+    ref_inputs = ExampleInputs(inputs.args, {**inputs.kwargs, **({} if isinstance(model, torch.fx.GraphModule)
+                                                                 else {**bound, **constants})})
     flags = {m: m.training for m in reference_model.modules()}   # restored exactly: never mutate the caller's model
     try:
         if not isinstance(reference_model, torch.fx.GraphModule):  # exported graphs refuse .eval(); they are eval already
@@ -166,7 +167,7 @@ def _calibration(calibration) -> list[ExampleInputs] | None:
     if isinstance(calibration, (torch.Tensor, dict)):
         raise PassError("calibration must be an iterable of inputs (a list of batches), not a single batch: "
                         "wrap it in a list")
-    batches = [ExampleInputs.of(c) for c in calibration]
+    batches = [ExampleInputs.of(c).split_constants()[0] for c in calibration]
     if not batches:
         raise PassError("calibration data is empty: give at least one batch of inputs")
     return batches

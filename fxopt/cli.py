@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from .lowering import LoweringError
         from .passes import PassError
         from ._io import OutputPathError
-        if isinstance(e, (CaptureError, LoweringError, PassError, OutputPathError, ValueError, FileNotFoundError)):
-            print(f"fxopt: error: {e}", file=sys.stderr)
+        if isinstance(e, (CaptureError, LoweringError, PassError, OutputPathError, ValueError, FileNotFoundError,
+                          KeyError)):
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"fxopt: error: {msg}", file=sys.stderr)
             return 2
         raise
 
@@ -92,6 +94,9 @@ def _optimize(args, **kw):
 
 
 def cmd_optimize(args) -> int:
+    from ._io import check_writable
+    if args.onnx:
+        check_writable(args.onnx)
     print_after = None
     if args.print_after == "*":
         print_after = True
@@ -150,6 +155,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from ._io import check_writable
+    check_writable(args.output)                  # fail before the (slow) capture and passes
     lm, res = _optimize(args)
     rep = res.export_onnx(args.output, dynamic=None if args.static else bool(args.dynamic))
     print(res.report())

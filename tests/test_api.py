@@ -67,3 +67,13 @@ def test_hf_model_is_not_mutated():
     out = lm.model(**lm.example_inputs)                      # still returns its cache
     assert out.past_key_values is not None
     assert max_abs(outputs(res.module, lm.example_inputs)[0], out.logits) < 1e-5
+
+
+def test_non_tensor_keyword_inputs_are_bound():
+    lm = models.hf_tiny("llama-tiny", layers=1)
+    res = fxopt.optimize(lm.model, "cleanup", {**lm.example_inputs, "use_cache": False})
+    assert res.records[0].drift_max == 0
+    assert "use_cache" not in res.example_inputs.kwargs
+    with_hidden = fxopt.optimize(lm.model, "dce", {**lm.example_inputs, "output_hidden_states": True})
+    names = with_hidden.module.meta["fxopt_capture"].output_names
+    assert names[0] == "logits" and names[1:] == [f"hidden_states_{i}" for i in range(2)]

@@ -88,3 +88,16 @@ def test_hf_model_folder(capsys, tmp_path):
     assert "BertModel from" in out and "dce" in out
     assert main(["optimize", str(tmp_path)]) == 2
     assert "without config.json" in capsys.readouterr().err
+
+
+def test_bad_record_key_is_a_clean_error(capsys):
+    assert main(["inspect", "tiny-gpt", "--after", "9"]) == 2
+    assert "no record #9" in capsys.readouterr().err
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+    assert main(["export", "tiny-gpt", str(tmp_path / "m.onnx")]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~mask

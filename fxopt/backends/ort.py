@@ -2,6 +2,9 @@
 
 * ``threads``: intra-op threads (default: ORT's choice); inter-op is 1 (sequential execution).
 * ``opt_level``: ``"disable" | "basic" | "extended" | "all"`` graph optimizations.
+* ``matmulnbits_accuracy_level``: ORT rewrites weight-only ``DequantizeLinear → MatMul`` into
+  ``MatMulNBits`` and by default (level 4) quantizes the *activations* to int8 there; fxopt asks
+  for level 1 (fp32 compute) so weight-only models keep their accuracy. 4 trades it for speed.
 * ``optimized_model_path``: where ORT saves the graph *after* its optimizations, so callers can
   prove what it fused — :meth:`OrtBackend.optimized_op_types` lists the op types there
   (``MatMulIntegerToFloat``, ``QLinearMatMul``... for quantized models).
@@ -26,7 +29,8 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, opt_level: str = "all",
-                 optimized_model_path: str | os.PathLike | None = None, providers: list[str] | None = None):
+                 optimized_model_path: str | os.PathLike | None = None, providers: list[str] | None = None,
+                 matmulnbits_accuracy_level: int = 1):
         import onnxruntime as ort
 
         if opt_level not in _LEVELS:
@@ -41,9 +45,15 @@ class OrtBackend:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
+        # ORT turns DequantizeLinear(int8/int4 weight) → MatMul into MatMulNBits and, by default,
+        # computes it with int8-quantized activations (accuracy level 4). Weight-only models must
+        # keep float activations: level 1 = fp32 compute.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int(matmulnbits_accuracy_level)))
         self.optimized_model_path = Path(optimized_model_path) if optimized_model_path else None
         if self.optimized_model_path:
             so.optimized_model_filepath = str(self.optimized_model_path)
+        self._options = dict(threads=threads, opt_level=opt_level, providers=providers,
+                             matmulnbits_accuracy_level=matmulnbits_accuracy_level)
         self.session = ort.InferenceSession(str(self.path), so, providers=providers or ["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -71,12 +81,13 @@ class OrtBackend:
         """Op types of the graph after ORT's optimizations (saved once to a temporary file if needed)."""
         import onnx
 
-        path = self.optimized_model_path
-        if path is None:
-            tmp = Path(tempfile.mkdtemp(prefix="fxopt-ort-")) / "optimized.onnx"
-            OrtBackend(self.path, optimized_model_path=tmp)
-            path = tmp
-        model = onnx.load(str(path), load_external_data=False)
+        if self.optimized_model_path is not None:
+            model = onnx.load(str(self.optimized_model_path), load_external_data=False)
+        else:
+            with tempfile.TemporaryDirectory(prefix="fxopt-ort-") as tmp:
+                path = Path(tmp) / "optimized.onnx"
+                OrtBackend(self.path, optimized_model_path=path, **self._options)
+                model = onnx.load(str(path), load_external_data=False)
         return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
 
 

@@ -234,7 +234,7 @@ def _explain(e: Exception, model: torch.nn.Module) -> str:
         hint = ("control flow or a shape depends on tensor *values*: use torch.cond / torch.where, or make the "
                 "branch depend on shapes or constructor arguments")
     elif "symbolically traced variables cannot be used as inputs to control flow" in low:
-        hint = "Python control flow on a tensor: rewrite it with torch.where, or capture with method='export'"
+        hint = "Python control flow on a tensor: rewrite it with torch.where / torch.cond"
     elif "dynamic" in low and ("constraint" in low or "specializ" in low):
         hint = "a dim asked to be dynamic was specialized by the model: capture with dynamic=None or fewer dynamic axes"
     where = _user_frame(e, model)
@@ -306,9 +306,7 @@ def _unique_storage(gm, target: str) -> bool:
 def _output_names(out: Any) -> list[str]:
     if isinstance(out, torch.Tensor):
         return ["output"]
-    if hasattr(out, "keys") and hasattr(out, "to_tuple"):          # HF ModelOutput
-        return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
-    if isinstance(out, Mapping):
+    if isinstance(out, Mapping) or (hasattr(out, "keys") and hasattr(out, "to_tuple")):   # dict, HF ModelOutput
         names = []
         for k, v in out.items():
             n = len(flatten_tensors(v))

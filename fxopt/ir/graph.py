@@ -49,7 +49,7 @@ def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor, *, as_parame
         del mod._parameters[leaf]
     if leaf in mod._buffers:
         del mod._buffers[leaf]
-    if hasattr(mod, leaf) and not isinstance(getattr(mod, leaf), torch.nn.Module):
+    if leaf in vars(mod) and not isinstance(vars(mod)[leaf], torch.nn.Module):
         delattr(mod, leaf)
     if as_parameter:
         mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
@@ -73,6 +73,8 @@ def del_attr(gm: torch.nn.Module, target: str) -> None:
 def fresh_attr_name(gm: torch.nn.Module, base: str) -> str:
     """A dotted attribute path not used yet, derived from ``base``."""
     base = re.sub(r"[^0-9a-zA-Z_.]", "_", base)
+    # a part named like a Module attribute ("to", "eval", "weight" of a method...) would shadow it
+    base = ".".join(p + "_" if hasattr(torch.nn.Module, p) else p for p in base.split("."))
     name, i = base, 0
     while True:
         try:

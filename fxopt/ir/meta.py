@@ -97,6 +97,17 @@ class QuantSpec:
 
 
 @dataclass
+class QuantizedLinear:
+    """A linear rewritten to integer form by ``fuse-qdq``; backends pattern-match on it."""
+
+    scheme: str                 # w8a8-static | w8a8-dynamic | w8-weight-only | w4-weight-only
+    weight: str                 # int8 constant (transposed [in, out] for matmul forms)
+    module_path: str = ""
+    activation: str = ""        # "u8 per-tensor static" | "u8 per-tensor dynamic" | "s8 per-token dynamic" | ""
+    group_size: int = 0
+
+
+@dataclass
 class NMMask:
     """An N:M sparsity mask applied to a weight (issue #4)."""
 
@@ -144,6 +155,7 @@ SOURCE_PATH: MetaKey[str] = MetaKey(
 )
 CALIB_STATS: MetaKey[ObserverStats] = MetaKey("fxopt_calib", ObserverStats, "calibration statistics of the output")
 QSPEC: MetaKey[QuantSpec] = MetaKey("fxopt_qspec", QuantSpec, "quantization spec of a Q node")
+QLINEAR: MetaKey[QuantizedLinear] = MetaKey("fxopt_qlinear", QuantizedLinear, "integer linear made by fuse-qdq")
 NM_MASK: MetaKey[NMMask] = MetaKey("fxopt_nm_mask", NMMask, "N:M mask applied to the weight of a linear")
 PERMUTATION: MetaKey[PermutationRecord] = MetaKey("fxopt_perm", PermutationRecord, "permutation applied")
 MOE: MetaKey[MoEBlock] = MetaKey("fxopt_moe", MoEBlock, "MoE block description on the block's output node")
@@ -152,7 +164,7 @@ MOE: MetaKey[MoEBlock] = MetaKey("fxopt_moe", MoEBlock, "MoE block description o
 CAPTURE: MetaKey[CaptureInfo] = MetaKey("fxopt_capture", CaptureInfo, "how the graph was captured", on_graph=True)
 APPLIED: MetaKey[list] = MetaKey("fxopt_applied", list, "pipeline text of each pass applied so far", on_graph=True)
 
-ALL_KEYS = [VAL, TENSOR_META, NN_MODULE_STACK, STACK_TRACE, PROVENANCE, SOURCE_PATH, CALIB_STATS, QSPEC,
+ALL_KEYS = [VAL, TENSOR_META, NN_MODULE_STACK, STACK_TRACE, PROVENANCE, SOURCE_PATH, CALIB_STATS, QSPEC, QLINEAR,
             NM_MASK, PERMUTATION, MOE, CAPTURE, APPLIED]
 
 

@@ -78,3 +78,98 @@ def dtype_range(dtype: torch.dtype) -> tuple[int, int]:
 
 QUANTIZE = torch.ops.fxopt.quantize.default
 DEQUANTIZE = torch.ops.fxopt.dequantize.default
+
+
+# --------------------------------------------------------------------------- dynamic activations
+
+
+@torch.library.custom_op("fxopt::dynamic_quantize", mutates_args=())
+def dynamic_quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor dynamic uint8, exactly ONNX ``DynamicQuantizeLinear``:
+
+    ``s = (max(0, max x) − min(0, min x)) / 255``, ``z = saturate(round(−min(0, min x) / s))``,
+    ``q = saturate(round(x / s) + z)``. Returns ``(q, s, z)``.
+    """
+    xf = x.to(torch.float32)
+    lo = torch.clamp(xf.min(), max=0.0)
+    hi = torch.clamp(xf.max(), min=0.0)
+    s = (hi - lo) / 255.0
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    z = torch.clamp(torch.round(-lo / s), 0, 255)
+    q = torch.clamp(torch.round(xf / s) + z, 0, 255).to(torch.uint8)
+    return q, s.reshape(()), z.to(torch.uint8).reshape(())
+
+
+@dynamic_quantize.register_fake
+def _dynamic_quantize_fake(x):
+    return (torch.empty_like(x, dtype=torch.uint8), x.new_empty((), dtype=torch.float32),
+            x.new_empty((), dtype=torch.uint8))
+
+
+@torch.library.custom_op("fxopt::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor, quant_max: int) -> tuple[Tensor, Tensor]:
+    """Per-token (per row of the last dim) symmetric int8: ``s = max|x_row| / q_max``,
+    ``q = clamp(round(x / s), −q_max, q_max)``. Returns ``(q, s)`` with ``s`` of shape ``[..., 1]``."""
+    xf = x.to(torch.float32)
+    s = xf.abs().amax(-1, keepdim=True) / float(quant_max)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.clamp(torch.round(xf / s), -quant_max, quant_max).to(torch.int8)
+    return q, s
+
+
+@quantize_per_token.register_fake
+def _quantize_per_token_fake(x, quant_max):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("fxopt::dequantize_per_token", mutates_args=())
+def dequantize_per_token(q: Tensor, scale: Tensor) -> Tensor:
+    return q.to(torch.float32) * scale
+
+
+@dequantize_per_token.register_fake
+def _dequantize_per_token_fake(q, scale):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+DYNAMIC_QUANTIZE = torch.ops.fxopt.dynamic_quantize.default
+QUANTIZE_PER_TOKEN = torch.ops.fxopt.quantize_per_token.default
+DEQUANTIZE_PER_TOKEN = torch.ops.fxopt.dequantize_per_token.default
+
+
+# --------------------------------------------------------------------------- packed low-bit weights
+
+
+def pack_nbits(q: Tensor, block_size: int, bits: int = 4) -> Tensor:
+    """Signed int4 values ``[N, K]`` (in ``[-8, 7]``) → ONNX Runtime ``MatMulNBits`` layout:
+    uint8 ``[N, K/block, block/2]``, value ``+8`` (the default zero point), low nibble first."""
+    if bits != 4:
+        raise ValueError("only 4-bit packing is implemented")
+    n, k = q.shape
+    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // block_size, block_size)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
+def unpack_nbits(packed: Tensor, k: int, bits: int = 4) -> Tensor:
+    """Inverse of :func:`pack_nbits`: ``[N, K]`` signed values."""
+    n = packed.shape[0]
+    lo = (packed & 0x0F).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    u = torch.stack((lo, hi), dim=-1).reshape(n, -1)[:, :k]
+    return (u - 8).to(torch.int8)
+
+
+@torch.library.custom_op("fxopt::matmul_nbits", mutates_args=())
+def matmul_nbits(x: Tensor, packed: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int) -> Tensor:
+    """``x @ Wᵀ`` with ``W[i, j] = (q[i, j] − 8) · scales[i, j // block]`` stored packed (``MatMulNBits``)."""
+    q = unpack_nbits(packed, k, bits).to(torch.float32)
+    w = q * scales.reshape(n, -1).repeat_interleave(block_size, dim=1)[:, :k]
+    return x.to(torch.float32) @ w.t()
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, packed, scales, k, n, bits, block_size):
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+MATMUL_NBITS = torch.ops.fxopt.matmul_nbits.default

@@ -147,6 +147,9 @@ def compute_users(n: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]
                 continue
             if _is_call(u, TRANSPARENT) and u.args[0] is cur:
                 stack.append(u)
+            elif _is_call(u, RESHAPES) and u.args[0] is cur and _last_dim(u) is not None \
+                    and _last_dim(u) == _last_dim(cur):
+                stack.append(u)          # GPT-2's view(-1, C) around its Conv1D keeps the channels
             else:
                 out.append((u, cur))
     return out
@@ -302,8 +305,10 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
                 reason = f"flows into {describe(u)}"
             escapes.setdefault(n, []).append(f"{describe(n)} {reason}")
 
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups = []
     for comp in nx.connected_components(g):
+        comp = sorted(comp, key=lambda m: order.get(m, -1))
         seeds = [m for m in comp if m in lin_by_node]
         if not seeds:
             continue

@@ -55,24 +55,36 @@ class ExportReport:
     external_data: bool = False
     max_abs: float | None = None
     max_rel: float | None = None
+    mean_abs: float | None = None
+    min_cos: float | None = None          # over rows of the last dim
+    mean_cos: float | None = None
+    quantized: bool = False               # the graph holds fxopt quantizers: verified statistically
     verified: bool = False
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         v = (f"ORT vs PyTorch: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
              if self.max_abs is not None else "not verified")
+        if self.quantized and self.mean_cos is not None:
+            v += f", mean abs {self.mean_abs:.3g}, row cosine mean {self.mean_cos:.5f} / min {self.min_cos:.5f}"
         return (f"{self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {sum(self.ops.values())} nodes, "
                 f"{self.seconds:.1f} s); inputs {self.inputs}; outputs {self.outputs}; {v}")
 
 
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any, *,
                 dynamic: bool | dict | None = True, opset: int = OPSET, verify: bool = True,
-                atol: float = 1e-4, rtol: float = 1e-3, check: bool = True) -> ExportReport:
+                atol: float = 1e-4, rtol: float = 1e-3, min_cos: float = 0.995, check: bool = True) -> ExportReport:
     """Export ``gm`` to ``path``; returns an :class:`ExportReport`.
 
     ``dynamic=True`` keeps the dynamic axes recorded at capture, ``None``/``False`` exports
     static shapes, a dict ``{input: {dim: name}}`` picks them. With ``verify`` the ORT outputs
     must match the GraphModule within ``atol + rtol·|y|`` or :class:`LoweringError` is raised.
+
+    Quantized graphs are verified statistically: a one-ulp float difference upstream (ORT's
+    LayerNorm vs. PyTorch's) flips a later quantizer's rounding by one step, and flips cascade
+    through the layers (measured on MiniLM W8A8 with every ORT fusion disabled: one quantized
+    linear matches to 3e-6, two layers to max 0.026, all 37 to mean |Δ| ≈ 3 % of mean |y|). There
+    the mean cosine of output rows must be ≥ ``min_cos``.
     """
     import onnx
 
@@ -112,31 +124,51 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
         path=path, bytes=path.stat().st_size, opset=opset, inputs=[i.name for i in model.graph.input],
         outputs=[o.name for o in model.graph.output], ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         seconds=0.0, external_data=external)
+    report.quantized = _has_quantizers(gm)
     if verify:
-        _verify(gm, report, inputs, atol, rtol)
+        _verify(gm, report, inputs, atol, rtol, min_cos)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _verify(gm, report: ExportReport, inputs: ExampleInputs, atol: float, rtol: float) -> None:
+def _has_quantizers(gm) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target.namespace == "fxopt" and n.target._opname in (
+                   "quantize", "dynamic_quantize", "quantize_per_token")
+               for n in gm.graph.nodes)
+
+
+def _verify(gm, report: ExportReport, inputs: ExampleInputs, atol: float, rtol: float, min_cos: float) -> None:
     from ..backends.ort import OrtBackend
 
     ref = [t.detach().cpu().numpy() for t in flatten_tensors(call(gm, inputs))]
     got = OrtBackend(report.path).run(inputs)
     if len(got) != len(ref):
         raise LoweringError(f"ONNX Runtime returned {len(got)} outputs, the graph {len(ref)}")
-    max_abs, max_rel, bad = 0.0, 0.0, []
+    max_abs, max_rel, bad, sums, count, cos_min, cos_sum, rows = 0.0, 0.0, [], 0.0, 0, 1.0, 0.0, 0
     for name, r, g in zip(report.outputs, ref, got):
         if r.shape != g.shape:
             raise LoweringError(f"output {name!r}: ONNX Runtime shape {g.shape} != PyTorch {r.shape}")
+        if not r.size:
+            continue
         d = np.abs(r.astype(np.float64) - g.astype(np.float64))
-        scale = float(np.abs(r).max()) if r.size else 0.0
-        if d.size:
-            max_abs = max(max_abs, float(d.max()))
-            max_rel = max(max_rel, float(d.max()) / max(scale, 1e-12))
-            if float(d.max()) > atol + rtol * scale:
-                bad.append(f"{name}: max |Δ| {float(d.max()):.3g} (|y| up to {scale:.3g})")
+        scale = float(np.abs(r).max())
+        max_abs = max(max_abs, float(d.max()))
+        max_rel = max(max_rel, float(d.max()) / max(scale, 1e-12))
+        sums, count = sums + float(d.sum()), count + d.size
+        if np.issubdtype(r.dtype, np.floating) and r.ndim >= 1:
+            a, b = r.reshape(-1, r.shape[-1]).astype(np.float64), g.reshape(-1, r.shape[-1]).astype(np.float64)
+            c = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+            c = np.where((np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0), 1.0, c)
+            cos_min, cos_sum, rows = min(cos_min, float(c.min())), cos_sum + float(c.sum()), rows + c.size
+            if report.quantized and float(c.mean()) < min_cos:
+                bad.append(f"{name}: row cosine mean {float(c.mean()):.5f} < {min_cos}")
+        if not report.quantized and float(d.max()) > atol + rtol * scale:
+            bad.append(f"{name}: max |Δ| {float(d.max()):.3g} (|y| up to {scale:.3g})")
     report.max_abs, report.max_rel = max_abs, max_rel
+    report.mean_abs = sums / max(count, 1)
+    if rows:
+        report.min_cos, report.mean_cos = cos_min, cos_sum / rows
     if bad:
         raise LoweringError("ONNX Runtime's outputs differ from PyTorch's beyond tolerance "
                             f"(atol {atol}, rtol {rtol}): " + "; ".join(bad) + f"; the file is at {report.path}")
@@ -196,9 +228,13 @@ def _explain_export_failure(e: Exception) -> str:
 
 
 def _check(p: Path) -> None:
+    """onnx.checker with strict shape inference; ORT contrib ops (com.microsoft), which ONNX's
+    registry does not know, get the structural check only."""
     import onnx
+    model = onnx.load(str(p), load_external_data=False)
+    contrib = any(n.domain not in ("", "ai.onnx") for n in model.graph.node)
     try:
-        onnx.checker.check_model(str(p), full_check=True)
+        onnx.checker.check_model(str(p), full_check=not contrib)
     except Exception as e:  # noqa: BLE001
         raise LoweringError(f"the exported model fails onnx.checker: {e}") from e
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+import onnxscript
 from onnxscript import opset21 as op
 
 from ..ir import qops  # noqa: F401 - registers torch.ops.fxopt.*
@@ -75,3 +76,68 @@ TRANSLATIONS = {
     torch.ops.fxopt.quantize.default: quantize_onnx,
     torch.ops.fxopt.dequantize.default: dequantize_onnx,
 }
+
+
+def dynamic_quantize_onnx(x):
+    q, s, z = op.DynamicQuantizeLinear(x)
+    return q, s, z
+
+
+def quantize_per_token_onnx(x, quant_max: int):
+    qmax = op.Constant(value_float=float(quant_max))
+    s = op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1), qmax)
+    s = op.Where(op.Equal(s, op.Constant(value_float=0.0)), op.Constant(value_float=1.0), s)
+    q = op.Clip(op.Round(op.Div(x, s)), op.Neg(qmax), qmax)
+    return op.Cast(q, to=3), s          # 3 = INT8
+
+
+def dequantize_per_token_onnx(q, scale):
+    return op.Mul(op.Cast(q, to=1), scale)
+
+
+TRANSLATIONS.update({
+    torch.ops.fxopt.dynamic_quantize.default: dynamic_quantize_onnx,
+    torch.ops.fxopt.quantize_per_token.default: quantize_per_token_onnx,
+    torch.ops.fxopt.dequantize_per_token.default: dequantize_per_token_onnx,
+})
+
+
+def _register_matmul_nbits_schema() -> None:
+    """ONNX's registry does not know ONNX Runtime's contrib ops; the exporter needs a schema to
+    build the node, so MatMulNBits (com.microsoft, v1) is registered once, as ORT defines it."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P = OpSchema.FormalParameter
+    A = OpSchema.Attribute
+    opt = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        doc="Y = A · dequantize(B)ᵀ with B packed bits-wide in blocks along K (ONNX Runtime contrib op).",
+        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=opt),
+                P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
+        outputs=[P("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
+                          ("T4", ["tensor(int32)"], "")],
+        attributes=[A("K", OpSchema.AttrType.INT, ""), A("N", OpSchema.AttrType.INT, ""),
+                    A("bits", OpSchema.AttrType.INT, ""), A("block_size", OpSchema.AttrType.INT, ""),
+                    A("accuracy_level", OpSchema.AttrType.INT, "", required=False)],
+    )
+    onnx.defs.register_schema(schema)
+
+
+_register_matmul_nbits_schema()
+_MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def matmul_nbits_onnx(x, packed, scales, k: int, n: int, bits: int, block_size: int):
+    return _MSFT.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block_size)
+
+
+TRANSLATIONS[torch.ops.fxopt.matmul_nbits.default] = matmul_nbits_onnx

@@ -42,18 +42,22 @@ class ConstantFolding(Pass):
         unsafe = mutated_closure(gm.graph)
         foldable: set[torch.fx.Node] = set()
         for n in gm.graph.nodes:
-            if n.op == "call_function" and is_pure(n) and n not in unsafe and all(
+            if n.op == "call_function" and is_pure(n) and n not in unsafe and not _is_fxopt_op(n) and all(
                     (a.op == "get_attr") or (a in foldable) for a in n.all_input_nodes):
                 foldable.add(n)
         return foldable
 
     def requires(self, gm, ctx):
         f = self._foldable(gm)
-        if not any(u not in f for n in f for u in n.users):
+        if not any(u not in f and not _is_check(u) for n in f for u in n.users):
             raise NotApplicable("no node depends only on parameters and constants")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         foldable = self._foldable(gm)
+        # dtype/device assertions on a value we evaluate ourselves are settled: drop them
+        checks = [u for n in foldable for u in n.users if _is_check(u)]
+        for u in dict.fromkeys(checks):
+            gm.graph.erase_node(u)
         boundary = [n for n in gm.graph.nodes if n in foldable and any(u not in foldable for u in n.users)]
         env: dict[torch.fx.Node, object] = {}
 
@@ -76,19 +80,41 @@ class ConstantFolding(Pass):
             out = env[n]
             if not isinstance(out, torch.Tensor):
                 continue
+            same = next((a for a in n.all_input_nodes if a.op == "get_attr" and _same_tensor(get_attr(gm, a.target), out)),
+                        None)
+            if same is not None:                     # a no-op (cast to its own dtype, alias): read the attr itself
+                n.replace_all_uses_with(same)
+                folded += 1
+                continue
             nbytes = out.numel() * out.element_size()
             if nbytes > self.max_bytes:
-                skipped.append(f"{n.name} ({nbytes / 2**20:.1f} MiB > max_bytes)")
+                skipped.append(f"{n.name} ({nbytes} bytes > max_bytes={self.max_bytes})")
                 continue
             const = add_constant(gm, f"_folded.{n.name}", out.detach().clone().contiguous(), before=n)
             PROVENANCE.set(const, self.name)
             n.replace_all_uses_with(const)
             folded += 1
             added += nbytes
-        if folded:
+        if folded or checks:
             gm.graph.eliminate_dead_code()
         notes = [f"not folded (too large): {', '.join(skipped)}"] if skipped else []
         if not folded and not skipped:
             notes.append("nothing to fold: every input-independent value is only used by other foldable nodes")
-        return PassResult(gm, folded > 0, stats={"folded": folded, "bytes_added": added}, notes=notes)
+        return PassResult(gm, folded > 0 or bool(checks), stats={"folded": folded, "bytes_added": added,
+                                                                 "checks_removed": len(set(checks))}, notes=notes)
+
+
+def _is_fxopt_op(n) -> bool:
+    """Quantizers are kept as ops: folding Q/DQ of a weight would undo quantization (fuse-qdq
+    pre-quantizes weights into integer constants instead)."""
+    return isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "fxopt"
+
+
+def _is_check(n) -> bool:
+    return n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default
+
+
+def _same_tensor(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+        a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 

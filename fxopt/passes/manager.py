@@ -38,12 +38,14 @@ class PassFailedError(PassError):
         self.reproducer = reproducer
 
 
-def measure_drift(gm: torch.nn.Module, ctx: PassContext) -> tuple[float | None, float | None, float | None, str | None]:
-    """(max |Δ|, mean |Δ|, max |Δ| / max |y|, problem) of ``gm``'s outputs vs. the reference."""
-    if ctx.example_inputs is None or ctx.reference_outputs is None:
+def measure_drift(gm: torch.nn.Module, ctx: PassContext, reference: list[torch.Tensor] | None = None
+                  ) -> tuple[float | None, float | None, float | None, str | None]:
+    """(max |Δ|, mean |Δ|, max |Δ| / max |y|, problem) of ``gm``'s outputs vs. the reference
+    (the original model's outputs unless ``reference`` is given)."""
+    ref = reference if reference is not None else ctx.reference_outputs
+    if ctx.example_inputs is None or ref is None:
         return None, None, None, None
     outs = flatten_tensors(call(gm, ctx.example_inputs))
-    ref = ctx.reference_outputs
     if len(outs) != len(ref):
         return float("inf"), float("inf"), float("inf"), f"the graph now returns {len(outs)} tensors, not {len(ref)}"
     dmax, dsum, n, scale = 0.0, 0.0, 0, 0.0
@@ -113,6 +115,8 @@ class PassManager:
             for inst in self.instruments:
                 inst.run_before_pass(p, gm, ctx)
             snapshot = clone(gm) if self.transactional else None
+            check = p.exact and self.check_exact and ctx.example_inputs is not None
+            before = [t.detach() for t in flatten_tensors(call(gm, ctx.example_inputs))] if check else None
             t0 = time.perf_counter()
             try:
                 try:
@@ -130,7 +134,10 @@ class PassManager:
                 repro = self._reproduce(p, index, snapshot, ctx, e)
                 before = ", ".join(format_pass(q) for q in self.passes[:offset]) or "(none)"
                 where = f"; reproducer written to {repro}" if repro else ""
-                raise PassFailedError(f"pass #{index} {name!r} failed: {type(e).__name__}: {e}\n"
+                text = str(e)
+                if len(text) > 1500:                      # lint errors print the whole graph
+                    text = text[:1500] + f" ... [{len(text) - 1500} more characters; see the reproducer]"
+                raise PassFailedError(f"pass #{index} {name!r} failed: {type(e).__name__}: {text}\n"
                                       f"passes before it: {before}{where}", repro) from e
             seconds = time.perf_counter() - t0
             gm = result.graph_module
@@ -141,14 +148,15 @@ class PassManager:
             rec = make_record(index, name, gm, ctx, modified=result.modified, seconds=seconds, status=status,
                               notes=result.notes, stats=result.stats, drift=self.measure)
             records.append(rec)
-            if p.exact and result.modified and self.check_exact and rec.drift_max is not None:
-                scale = rec.drift_max / rec.drift_rel if rec.drift_rel else 0.0
+            if check and result.modified:
+                dmax, _, drel, _ = measure_drift(gm, ctx, reference=before)
+                scale = dmax / drel if drel else 0.0
                 bound = self.exact_atol + self.exact_rtol * scale
-                if not rec.drift_max <= bound:
+                if not dmax <= bound:
                     repro = self._reproduce(p, index, snapshot, ctx, None)
                     raise PostconditionError(
                         f"pass #{index} {name!r} is declared exact but changed the outputs: max |Δ| = "
-                        f"{rec.drift_max:.3g} > {bound:.3g} (passes before it: "
+                        f"{dmax:.3g} > {bound:.3g} vs. the graph before it (passes before it: "
                         f"{', '.join(format_pass(q) for q in self.passes[:offset]) or '(none)'})"
                         + (f"; reproducer written to {repro}" if repro else ""))
             for inst in self.instruments:
@@ -167,16 +175,23 @@ class PassManager:
 
 
 REPRO_SCRIPT = '''"""Re-run the pass that failed on the graph it was given. Run: python repro.py"""
-import pathlib, torch, fxopt
+import importlib, pathlib, torch, fxopt
 here = pathlib.Path(__file__).parent
+importlib.import_module((here / "pass_module.txt").read_text().strip())   # registers the pass
 gm = torch.export.load(here / "graph_before.pt2").module()
 args, kwargs = torch.load(here / "inputs.pt", weights_only=False)
 p = fxopt.passes.parse_pipeline((here / "failing_pass.txt").read_text().strip())[0]
-ctx = fxopt.passes.PassContext(example_inputs=fxopt.ir.ExampleInputs(args, kwargs))
+ex = fxopt.ir.ExampleInputs(args, kwargs)
+ctx = fxopt.passes.PassContext(example_inputs=ex)
+before = fxopt.ir.flatten_tensors(gm(*args, **kwargs))
 p.requires(gm, ctx)
 result = p.call(gm, ctx)
 p.ensures(result, ctx)
+gm.recompile()
+after = fxopt.ir.flatten_tensors(gm(*args, **kwargs))
+drift = max(float((a - b).abs().max()) for a, b in zip(after, before)) if after else 0.0
 print("pass ran without error:", result.modified, result.notes)
+print(f"max |output change| = {drift:.3g}" + (" (the pass is declared exact)" if p.exact else ""))
 '''
 
 
@@ -187,6 +202,7 @@ def write_reproducer(folder: Path, passes: list[Pass], index: int, p: Pass, snap
     folder.mkdir(parents=True, exist_ok=True)
     _io.write_text(folder / "pipeline.txt", format_pipeline(passes) + f"\n# failed at pass #{index}\n")
     _io.write_text(folder / "failing_pass.txt", format_pass(p) + "\n")
+    _io.write_text(folder / "pass_module.txt", type(p).__module__ + "\n")
     _io.write_text(folder / "graph_before.txt", graph_text(snapshot))
     msg = "".join(traceback.format_exception(err)) if err is not None else "outputs changed by an exact pass\n"
     problems = []

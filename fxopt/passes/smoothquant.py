@@ -25,7 +25,7 @@ Groups come from the graph (:mod:`fxopt.ir.structure`), never from module names:
 A group is skipped with a note when it touches a shared (tied) tensor, when its norm has no
 affine weight, when it matches ``exclude``, or when calibration saw nothing for it.
 
-**α.** A number applies to every group; ``alpha=auto`` searches α ∈ {0.05, 0.1, …, 0.95} per
+**α.** A number applies to every group; ``alpha=auto`` searches α ∈ {0.1, 0.2, …, 0.9} per
 group on sampled calibration rows, minimizing the relative error of the quantized product
 ``‖Q_a(X/s) Q_w(W s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖²`` summed over the group's linears, with ``Q_w``
 per-channel symmetric int8 and ``Q_a`` per-tensor asymmetric uint8 (``search=static``) or
@@ -53,9 +53,10 @@ from ..ir.meta import PROVENANCE, SOURCE_PATH, describe, module_path
 from ..ir.structure import (LinearInfo, channel_groups, compute_users, norm_groups, scales_linearly,
                             shared_parameters, value_output_pairs)
 from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
+from . import _fakequant as fq
 from .calibration import check_batches, observe
 
-ALPHA_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
+ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
 @dataclass
@@ -85,7 +86,7 @@ class SmoothQuant(Pass):
     exclude: tuple[str, ...] = ()
     linear_pairs: bool = True
     value_output: bool = True
-    sample_rows: int = 1024
+    sample_rows: int = 256
 
     def __post_init__(self):
         if isinstance(self.alpha, str) and self.alpha != "auto":
@@ -209,10 +210,10 @@ class SmoothQuant(Pass):
         best, best_err, errs = 0.5, float("inf"), {}
         for a in ALPHA_GRID:
             s = smoothing_scale(xmax, wmax, a)
-            xq = fake_quant_act(rows / s, self.search)
+            xq = fq.act_per_token(rows / s) if self.search == "dynamic" else fq.act_dynamic_tensor(rows / s)
             e = 0.0
             for w, r in zip(weights, ref):
-                e += float(((xq @ fake_quant_weight(w * s).t() - r) ** 2).sum())
+                e += float(((xq @ fq.weight_per_channel(w * s).t() - r) ** 2).sum())
             errs[a] = e / norm
             if errs[a] < best_err:
                 best, best_err = a, errs[a]
@@ -247,21 +248,3 @@ def smoothing_scale(xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> tor
     s = x.pow(alpha) / w.pow(1.0 - alpha)
     s = torch.where(xmax > 0, s, torch.ones_like(s))
     return s.clamp(min=1e-5, max=1e5)
-
-
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 ([-127, 127])."""
-    scale = (w.abs().amax(1, keepdim=True) / 127.0).clamp_min(1e-12)
-    return torch.clamp(torch.round(w / scale), -127, 127) * scale
-
-
-def fake_quant_act(x: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Per-tensor asymmetric uint8 (static) or per-token symmetric int8 (dynamic)."""
-    if scheme == "dynamic":
-        scale = (x.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-12)
-        return torch.clamp(torch.round(x / scale), -127, 127) * scale
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = max((hi - lo) / 255.0, 1e-12)
-    zp = round(-lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
-

@@ -42,3 +42,10 @@ def test_ort_bad_input(exported, tmp_path):
         OrtBackend(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="needs inputs"):
         OrtBackend(rep.path).run({"wrong": torch.zeros(1, 2, dtype=torch.long)})
+
+
+def test_optimized_op_types_honours_the_level(exported):
+    _, rep, _ = exported
+    plain = OrtBackend(rep.path, opt_level="disable").optimized_op_types()
+    full = OrtBackend(rep.path, opt_level="all").optimized_op_types()
+    assert sum(plain.values()) > sum(full.values())

@@ -108,3 +108,17 @@ def test_linears_report_shapes(tiny_gpt):
     lin = {li.path: li for li in linears(gm)}
     assert (lin["blocks.0.fc1"].in_features, lin["blocks.0.fc1"].out_features) == (64, 256)
     assert lin["blocks.0.fc1"].bias == "blocks.0.fc1.bias" and lin["head"].bias is None
+
+
+def test_gpt2_norms_reach_their_linears_through_views():
+    lm = models.hf_tiny("gpt2-tiny", layers=1)
+    gm = capture(lm.model, lm.example_inputs)
+    g = {g.norm.path: g for g in norm_groups(gm)}
+    assert _paths(g["transformer.h.0.ln_1"].linears) == ["transformer.h.0.attn.c_attn"]
+    assert g["transformer.h.0.ln_2"].only_linears
+
+
+def test_channel_group_reports_are_deterministic(tiny_gpt):
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    first = [g.escapes for g in channel_groups(gm)]
+    assert all([g.escapes for g in channel_groups(gm)] == first for _ in range(3))

@@ -142,3 +142,28 @@ def test_cleanup_on_every_hf_architecture_is_exact(hf_model):
 def test_passes_run_without_a_context(redundant):
     _, x, gm = redundant
     assert DeadCodeElimination().call(gm, PassContext()).modified
+
+
+def test_constant_folding_leaves_quantizers_and_drops_settled_checks():
+    from fxopt.ir import qops
+    lm = models.hf_tiny("llama-tiny", layers=1)
+    res = fxopt.optimize(lm.model, "dce,cse,constant-folding", lm.example_inputs)
+    cap, folded = res.records[0], res.records[-1]
+    consts = [n for n in res.module.graph.nodes if n.op == "get_attr" and n.target.startswith("_folded")]
+    assert consts and all(any(u.target is not torch.ops.aten._assert_tensor_metadata.default for u in n.users)
+                          for n in consts)                           # no constant that only an assert reads
+    assert folded.ops.get("aten._assert_tensor_metadata.default", 0) < cap.ops["aten._assert_tensor_metadata.default"]
+
+    class W(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+            self.register_buffer("s", torch.full((4,), 0.05))
+            self.register_buffer("z", torch.zeros(4, dtype=torch.int8))
+
+        def forward(self, x):
+            w = qops.dequantize(qops.quantize(self.w, self.s, self.z, 0, 0, -127, 127), self.s, self.z, 0, 0)
+            return x @ w.t()
+    gm = capture(W(), (torch.randn(2, 4),))
+    assert not ConstantFolding()(gm).modified
+    assert count(gm, qops.QUANTIZE) == 1

@@ -1,0 +1,252 @@
+"""``insert-qdq`` — quantize/dequantize pairs around linears (the reference form of quantization).
+
+Every selected ``linear(x, W, b)`` becomes ``linear(DQ(Q(x)), DQ(Q(W)), b)`` with fxopt's ops
+(:mod:`fxopt.ir.qops`), which simulate integer arithmetic exactly in float: running the graph in
+PyTorch gives the quantized model's numbers, and ``fuse-qdq`` / lowering turn the pairs into
+integer kernels. Schemes:
+
+``w8a8-static``
+    activations per tensor, range from calibration (``calib=minmax`` or ``percentile``):
+    asymmetric uint8 ``s = (max − min)/255``, ``z = round(−min/s)`` (ORT's fast u8×s8 path), or
+    symmetric int8 with ``symmetric=true``; weights per output channel, symmetric int8
+    ``s_i = max_j |W_ij| / 127`` on ``[−127, 127]``.
+``w8a8-dynamic``
+    activations quantized at run time: per token (``granularity=token``, symmetric int8,
+    ``s_t = max_j |x_tj| / 127``; the accurate choice, as in ZeroQuant / LLM.int8) or per tensor
+    (``granularity=tensor``, ONNX ``DynamicQuantizeLinear`` semantics; what ORT fuses into
+    ``DynamicQuantizeMatMul``); weights as above.
+``w8-weight-only``
+    weights per channel int8; activations stay float.
+``w4-weight-only``
+    weights group-wise int4 (ZeroQuant): one scale per ``group`` (32/64/128) input columns of
+    each output row, ``s = max|W_group| / 7`` on ``[−8, 7]``.
+
+One activation quantizer serves all linears that read the same value (q, k and v share it).
+``include`` / ``exclude`` select linears by module path (substring or glob). With
+``max_error > 0`` a linear whose simulated output error on calibration rows,
+``‖Q(X)Q(W)ᵀ − XWᵀ‖² / ‖XWᵀ‖²``, exceeds it stays in float, with a note — the lever for inputs
+with extreme outliers (SmolLM2's ``down_proj`` at the attention-sink token). Linears whose
+input dim is not a multiple of ``group`` (w4) stay float with a note.
+
+Not exact: the record's drift is the quantization error on the example inputs.
+"""
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx
+
+from ..ir import qops
+from ..ir.graph import add_constant, get_attr
+from ..ir.meta import PROVENANCE, QSPEC, SOURCE_PATH, QuantSpec
+from ..ir.structure import LinearInfo, linears
+from . import _fakequant as fq
+from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
+from .calibration import check_batches, observe, tensor_range
+
+SCHEMES = ("w8a8-static", "w8a8-dynamic", "w8-weight-only", "w4-weight-only")
+
+
+@register_pass
+@dataclass
+class InsertQDQ(Pass):
+    name: ClassVar[str] = "insert-qdq"
+    run_after: ClassVar[tuple[str, ...]] = ("smoothquant",)
+    summary: ClassVar[str] = "insert Q/DQ around linears: W8A8 static/dynamic, int8/int4 weight-only"
+    scheme: str = "w8a8-static"
+    group: int = 128
+    granularity: str = "token"
+    calib: str = "minmax"
+    percentile: float = 99.99
+    symmetric: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_error: float = 0.0
+    sample_rows: int = 512
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.granularity not in ("token", "tensor"):
+            raise ValueError("granularity must be 'token' or 'tensor'")
+        if self.calib not in ("minmax", "percentile"):
+            raise ValueError("calib must be 'minmax' or 'percentile'")
+        if self.scheme == "w4-weight-only" and self.group not in (16, 32, 64, 128, 256):
+            raise ValueError("group must be 16, 32, 64, 128 or 256")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.scheme.startswith("w8a8")
+
+    def _selected(self, gm) -> tuple[list[LinearInfo], list[str]]:
+        out, notes = [], []
+        for li in linears(gm):
+            path = li.path
+            if any(n.target in (qops.DEQUANTIZE, qops.QUANTIZE) for n in li.node.all_input_nodes):
+                continue                                  # already quantized
+            if self.include and not any(_match(path, p) for p in self.include):
+                continue
+            if any(_match(path, p) for p in self.exclude):
+                notes.append(f"{path}: excluded by pattern, kept in float")
+                continue
+            if self.scheme == "w4-weight-only" and li.in_features % self.group:
+                notes.append(f"{path}: {li.in_features} input channels are not a multiple of group={self.group}, kept in float")
+                continue
+            out.append(li)
+        return out, notes
+
+    def requires(self, gm, ctx: PassContext) -> None:
+        sel, _ = self._selected(gm)
+        if not sel:
+            raise NotApplicable("no linear with a parameter weight to quantize (or all excluded / already quantized)")
+        if self.scheme == "w8a8-static" or self.max_error > 0:
+            check_batches(ctx.calibration, f"insert-qdq{{scheme={self.scheme}}}")
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        sel, notes = self._selected(gm)
+        inputs = list(dict.fromkeys(li.node.args[0] for li in sel))
+        stats = {}
+        if self.scheme == "w8a8-static" or self.max_error > 0:
+            stats = observe(gm, ctx.calibration, inputs, sample_rows=self.sample_rows if self.max_error > 0 else 0,
+                            sample_values=1 << 20 if self.calib == "percentile" else 0, desc="insert-qdq calibration")
+        kept, errors = [], {}
+        if self.max_error > 0:
+            for li in sel:
+                st = stats.get(li.node.args[0])
+                rows = st.extra.get("rows") if st else None
+                if rows is None:
+                    kept.append(li)
+                    continue
+                err = self._error(gm, li, rows, st)
+                errors[li.path] = round(err, 6)
+                if err > self.max_error:
+                    notes.append(f"{li.path}: simulated error {err:.3g} > max_error {self.max_error}, kept in float")
+                else:
+                    kept.append(li)
+            sel = kept
+        act_q: dict[torch.fx.Node, tuple] = {}
+        for li in sel:
+            x = li.node.args[0]
+            if self.quantizes_activations:
+                if x not in act_q:
+                    act_q[x] = self._quantize_activation(gm, x, stats.get(x), li)
+                li.node.replace_input_with(x, self._dequantize_activation(gm, act_q[x], x, li))
+            wq = self._fake_quant_weight(gm, li)
+            li.node.replace_input_with(li.node.args[1], wq)
+        gm.graph.lint()
+        spec = self.scheme + ("" if not self.scheme == "w8a8-dynamic" else f" per-{self.granularity}")
+        return PassResult(gm, bool(sel), stats={"quantized": len(sel), "scheme": spec, "kept_float": len(notes),
+                                                **({"errors": errors} if errors else {})}, notes=notes)
+
+    # ------------------------------------------------------------------ activations
+
+    def _quantize_activation(self, gm, x: torch.fx.Node, st, li: LinearInfo):
+        """The quantizer of ``x``, inserted right after it (after the last placeholder for an input)."""
+        g = gm.graph
+        val = x.meta.get("val")
+        point = x if x.op != "placeholder" else [n for n in g.nodes if n.op == "placeholder"][-1]
+        nxt = point.next                         # everything goes, in order, before this node
+        base = f"_qdq.{_safe(li.path)}.input"
+        if self.scheme == "w8a8-static":
+            lo, hi = tensor_range(st, self.calib, self.percentile)
+            scale, zp, qmin, qmax = fq.static_qparams(lo, hi, self.symmetric)
+            dtype = torch.int8 if self.symmetric else torch.uint8
+            s = add_constant(gm, base + "_scale", torch.tensor(scale, dtype=torch.float32), before=nxt)
+            z = add_constant(gm, base + "_zero_point", torch.tensor(zp, dtype=dtype), before=nxt)
+            with g.inserting_before(nxt):
+                q = g.call_function(qops.QUANTIZE, (x, s, z, -1, 0, qmin, qmax))
+            q.meta["val"] = val.to(dtype) if val is not None else None
+            QSPEC.set(q, QuantSpec(dtype, qmin, qmax, "per_tensor", symmetric=self.symmetric))
+            out = ("static", q, s, z)
+        else:
+            per_tensor = self.granularity == "tensor"
+            with g.inserting_before(nxt):
+                if per_tensor:
+                    q = g.call_function(qops.DYNAMIC_QUANTIZE, (x,))
+                    parts = [g.call_function(operator.getitem, (q, i)) for i in range(3)]
+                else:
+                    q = g.call_function(qops.QUANTIZE_PER_TOKEN, (x, 127))
+                    parts = [g.call_function(operator.getitem, (q, i)) for i in range(2)]
+            QSPEC.set(q, QuantSpec(torch.uint8, 0, 255, "per_tensor", symmetric=False, dynamic=True) if per_tensor
+                      else QuantSpec(torch.int8, -127, 127, "per_token", dynamic=True))
+            out = ("tensor" if per_tensor else "token", q, *parts)
+        for n in out[1:]:
+            PROVENANCE.set(n, self.name)
+            SOURCE_PATH.set(n, li.path)
+        return out
+
+    def _dequantize_activation(self, gm, aq, x, li: LinearInfo) -> torch.fx.Node:
+        """One DQ per consumer, right before it (ORT wants a DQ per node unit)."""
+        g = gm.graph
+        kind = aq[0]
+        with g.inserting_before(li.node):
+            if kind == "static":
+                _, q, s, z = aq
+                dq = g.call_function(qops.DEQUANTIZE, (q, s, z, -1, 0))
+            elif kind == "tensor":
+                _, _, q, s, z = aq
+                dq = g.call_function(qops.DEQUANTIZE, (q, s, z, -1, 0))
+            else:
+                _, _, q, s = aq
+                dq = g.call_function(qops.DEQUANTIZE_PER_TOKEN, (q, s))
+        val = x.meta.get("val")
+        dq.meta["val"] = val.to(torch.float32) if val is not None else None
+        PROVENANCE.set(dq, self.name)
+        SOURCE_PATH.set(dq, li.path)
+        return dq
+
+    # ------------------------------------------------------------------ weights
+
+    def _fake_quant_weight(self, gm, li: LinearInfo) -> torch.fx.Node:
+        w = get_attr(gm, li.weight).detach().to(torch.float32)
+        wnode = li.node.args[1]
+        base = f"_qdq.{_safe(li.path)}.weight"
+        if self.scheme == "w4-weight-only":
+            n, k = w.shape
+            scale = (w.reshape(n, k // self.group, self.group).abs().amax(-1) / 7.0).clamp_min(1e-12)
+            zp = torch.zeros_like(scale, dtype=torch.int8)
+            axis, block, qmin, qmax, gran = 1, self.group, -8, 7, "per_group"
+        else:
+            scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
+            zp = torch.zeros(w.shape[0], dtype=torch.int8)
+            axis, block, qmin, qmax, gran = 0, 0, -127, 127, "per_channel"
+        s = add_constant(gm, base + "_scale", scale, before=li.node)
+        z = add_constant(gm, base + "_zero_point", zp, before=li.node)
+        g = gm.graph
+        with g.inserting_before(li.node):
+            q = g.call_function(qops.QUANTIZE, (wnode, s, z, axis, block, qmin, qmax))
+            dq = g.call_function(qops.DEQUANTIZE, (q, s, z, axis, block))
+        q.meta["val"] = torch.empty(w.shape, dtype=torch.int8)
+        dq.meta["val"] = torch.empty(w.shape, dtype=torch.float32)
+        QSPEC.set(q, QuantSpec(torch.int8, qmin, qmax, gran, axis=axis, group_size=block))
+        for n in (q, dq):
+            PROVENANCE.set(n, self.name)
+            SOURCE_PATH.set(n, li.path)
+        return dq
+
+    def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st) -> float:
+        w = get_attr(gm, li.weight).detach().to(torch.float32)
+        exact = rows @ w.t()
+        wq = fq.weight_grouped(w, self.group) if self.scheme == "w4-weight-only" else fq.weight_per_channel(w)
+        if self.scheme == "w8a8-static":
+            lo, hi = tensor_range(st, self.calib, self.percentile)
+            scale, zp, qmin, qmax = fq.static_qparams(lo, hi, self.symmetric)
+            xq = fq.act_affine(rows, scale, zp, qmin, qmax)
+        elif self.scheme == "w8a8-dynamic":
+            xq = fq.act_per_token(rows) if self.granularity == "token" else fq.act_dynamic_tensor(rows)
+        else:
+            xq = rows
+        return fq.relative_error(xq @ wq.t(), exact)
+
+
+def _match(path: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(path, pattern) or pattern in path
+
+
+def _safe(path: str) -> str:
+    return path.replace(".", "_") or "root"
+
