@@ -21,10 +21,15 @@ integer kernels. Schemes:
     weights group-wise int4 (ZeroQuant): one scale per ``group`` (32/64/128) input columns of
     each output row, ``s = max|W_group| / 7`` on ``[−8, 7]``.
 
+Embedding tables (``embeddings=true``, the default) are stored int8 per row: the rows a lookup
+gathers are dequantized with their gathered scales, ``E[ids] ≈ q[ids] · s[ids]`` — in MiniLM the
+word embeddings are over half the file. A table tied to a linear (LM head) is left in float with
+a note (its float copy must stay for the embedding lookup).
+
 One activation quantizer serves all linears that read the same value (q, k and v share it).
 ``include`` / ``exclude`` select linears by module path (substring or glob). With
-``max_error > 0`` a linear whose simulated output error on calibration rows,
-``‖Q(X)Q(W)ᵀ − XWᵀ‖² / ‖XWᵀ‖²``, exceeds it stays in float, with a note — the lever for inputs
+``max_error > 0`` a linear whose simulated output error on calibration rows (mean over tokens
+of ``‖Q(x)Q(W)ᵀ − xWᵀ‖² / ‖xWᵀ‖²``) exceeds it stays in float, with a note — the lever for inputs
 with extreme outliers (SmolLM2's ``down_proj`` at the attention-sink token). Linears whose
 input dim is not a multiple of ``group`` (w4) stay float with a note.
 
@@ -66,6 +71,7 @@ class InsertQDQ(Pass):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_error: float = 0.0
+    embeddings: bool = True
     sample_rows: int = 512
 
     def __post_init__(self):
@@ -101,7 +107,10 @@ class InsertQDQ(Pass):
 
     def requires(self, gm, ctx: PassContext) -> None:
         sel, _ = self._selected(gm)
-        if not sel:
+        has_emb = self.embeddings and any(n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+                                          and n.args[0].op == "get_attr" and get_attr(gm, n.args[0].target).is_floating_point()
+                                          for n in gm.graph.nodes)
+        if not sel and not has_emb:
             raise NotApplicable("no linear with a parameter weight to quantize (or all excluded / already quantized)")
         if self.scheme == "w8a8-static" or self.max_error > 0:
             check_batches(ctx.calibration, f"insert-qdq{{scheme={self.scheme}}}")
@@ -137,9 +146,11 @@ class InsertQDQ(Pass):
                 li.node.replace_input_with(x, self._dequantize_activation(gm, act_q[x], x, li))
             wq = self._fake_quant_weight(gm, li)
             li.node.replace_input_with(li.node.args[1], wq)
+        n_emb = self._quantize_embeddings(gm, notes) if self.embeddings else 0
         gm.graph.lint()
         spec = self.scheme + ("" if not self.scheme == "w8a8-dynamic" else f" per-{self.granularity}")
-        return PassResult(gm, bool(sel), stats={"quantized": len(sel), "scheme": spec, "kept_float": len(notes),
+        return PassResult(gm, bool(sel) or n_emb > 0, stats={"quantized": len(sel), "embeddings": n_emb,
+                                                            "scheme": spec, "kept_float": len(notes),
                                                 **({"errors": errors} if errors else {})}, notes=notes)
 
     # ------------------------------------------------------------------ activations
@@ -227,6 +238,49 @@ class InsertQDQ(Pass):
             PROVENANCE.set(n, self.name)
             SOURCE_PATH.set(n, li.path)
         return dq
+
+    def _quantize_embeddings(self, gm, notes: list[str]) -> int:
+        from ..ir.structure import shared_parameters
+        shared = {t for sp in shared_parameters(gm) for t in sp.targets}
+        done = 0
+        for n in list(gm.graph.nodes):
+            if not (n.op == "call_function" and n.target is torch.ops.aten.embedding.default):
+                continue
+            wnode = n.args[0]
+            if not (isinstance(wnode, torch.fx.Node) and wnode.op == "get_attr"):
+                continue
+            w = get_attr(gm, wnode.target)
+            path = SOURCE_PATH.get(n) or wnode.target.rsplit(".", 1)[0]
+            if not w.is_floating_point() or w.dim() != 2:
+                continue
+            if wnode.target in shared:
+                notes.append(f"{wnode.target}: embedding table shared with another op (tied), kept in float")
+                continue
+            if any(_match(path, p) for p in self.exclude):
+                continue
+            scale = (w.detach().to(torch.float32).abs().amax(1) / 127.0).clamp_min(1e-12)
+            base = f"_qdq.{_safe(wnode.target)}"
+            s = add_constant(gm, base + "_scale", scale, before=n)
+            s2 = add_constant(gm, base + "_row_scale", scale.reshape(-1, 1).clone(), before=n)
+            z = add_constant(gm, base + "_zero_point", torch.zeros(w.shape[0], dtype=torch.int8), before=n)
+            g = gm.graph
+            with g.inserting_before(n):
+                q = g.call_function(qops.QUANTIZE, (wnode, s, z, 0, 0, -127, 127))
+                rows = g.call_function(torch.ops.aten.embedding.default, (q, *n.args[1:]), dict(n.kwargs))
+                srows = g.call_function(torch.ops.aten.embedding.default, (s2, n.args[1]))
+                f = g.call_function(torch.ops.aten._to_copy.default, (rows,), {"dtype": torch.float32})
+                out = g.call_function(torch.ops.aten.mul.Tensor, (f, srows))
+            val = n.meta.get("val")
+            for m, v in ((q, torch.empty(w.shape, dtype=torch.int8)), (rows, val.to(torch.int8) if val is not None else None),
+                         (srows, val[..., :1] if val is not None else None), (f, val), (out, val)):
+                m.meta["val"] = v
+                PROVENANCE.set(m, self.name)
+                SOURCE_PATH.set(m, path)
+            QSPEC.set(q, QuantSpec(torch.int8, -127, 127, "per_channel", axis=0))
+            n.replace_all_uses_with(out)
+            g.erase_node(n)
+            done += 1
+        return done
 
     def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st) -> float:
         w = get_attr(gm, li.weight).detach().to(torch.float32)

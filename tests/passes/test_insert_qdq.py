@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+import fxopt
+from fxopt import models
+from fxopt.ir import qops
+from fxopt.passes.insert_qdq import InsertQDQ
+from tests.helpers import count, max_abs, outputs
+
+
+class OneLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_static_numerics_match_the_formula():
+    m = OneLinear().eval()
+    calib = [(torch.linspace(-1.0, 3.0, 16).reshape(2, 8),)]
+    x = torch.randn(3, 8)
+    res = fxopt.optimize(m, "insert-qdq", (x,), calibration=calib)
+    # activation: asymmetric uint8 over the calibrated range [-1, 3]
+    s = 4.0 / 255
+    z = round(1.0 / s)
+    xq = (torch.clamp(torch.round(x / s) + z, 0, 255) - z) * s
+    w = m.fc.weight.detach()
+    ws = w.abs().amax(1, keepdim=True) / 127
+    wq = torch.clamp(torch.round(w / ws), -127, 127) * ws
+    expected = xq @ wq.t() + m.fc.bias.detach()
+    assert max_abs(res.module(x), expected) < 1e-5
+    st = res.records[-1].stats
+    assert st["quantized"] == 1 and st["scheme"] == "w8a8-static"
+
+
+def test_one_activation_quantizer_per_value():
+    lm = models.hf_tiny("llama-tiny", layers=1)
+    res = fxopt.optimize(lm.model, "insert-qdq", lm.example_inputs, calibration=[lm.example_inputs])
+    # q/k/v share one quantizer, gate/up another; o_proj, down_proj, lm_head one each
+    assert count(res.module, qops.QUANTIZE) == 5 + 8
+    assert count(res.module, qops.DEQUANTIZE) == 8 + 8
+
+
+def test_static_on_tiny_gpt(tiny_gpt):
+    (idx,) = tiny_gpt.example_inputs
+    res = fxopt.optimize(tiny_gpt.model, "insert-qdq{embeddings=false}", tiny_gpt.example_inputs, calibration=[(idx,)])
+    gm = res.module
+    n_lin = 2 * 4 + 1
+    assert count(gm, qops.QUANTIZE) == n_lin + n_lin          # one per activation value + one per weight
+    assert count(gm, qops.DEQUANTIZE) == 2 * n_lin           # one DQ per consumer and per weight
+    assert res.records[-1].drift_rel < 0.05
+
+
+@pytest.mark.parametrize("text, q_op, dq_op", [
+    ("insert-qdq{scheme=w8a8-dynamic}", qops.QUANTIZE_PER_TOKEN, qops.DEQUANTIZE_PER_TOKEN),
+    ("insert-qdq{scheme=w8a8-dynamic,granularity=tensor}", qops.DYNAMIC_QUANTIZE, qops.DEQUANTIZE),
+])
+def test_dynamic_schemes(tiny_gpt, text, q_op, dq_op):
+    res = fxopt.optimize(tiny_gpt.model, text, tiny_gpt.example_inputs)
+    assert count(res.module, q_op) == 9                       # per layer: ln1, attention out, ln2, gelu; ln_f
+    assert count(res.module, dq_op) >= 9
+    assert res.records[-1].drift_rel < 0.05
+
+
+def test_per_token_matches_a_reference():
+    m = OneLinear().eval()
+    x = torch.randn(5, 8) * torch.arange(1, 6).reshape(5, 1)
+    res = fxopt.optimize(m, "insert-qdq{scheme=w8a8-dynamic}", (x,))
+    s = x.abs().amax(1, keepdim=True) / 127
+    xq = torch.clamp(torch.round(x / s), -127, 127) * s
+    w = m.fc.weight.detach()
+    ws = w.abs().amax(1, keepdim=True) / 127
+    expected = xq @ (torch.clamp(torch.round(w / ws), -127, 127) * ws).t() + m.fc.bias.detach()
+    assert max_abs(res.module(x), expected) < 1e-5
+
+
+def test_weight_only_schemes_leave_activations_float(tiny_gpt):
+    r8 = fxopt.optimize(tiny_gpt.model, "insert-qdq{scheme=w8-weight-only,embeddings=false}", tiny_gpt.example_inputs)
+    r4 = fxopt.optimize(tiny_gpt.model, "insert-qdq{scheme=w4-weight-only,group=32,embeddings=false}",
+                        tiny_gpt.example_inputs)
+    for r in (r8, r4):
+        assert count(r.module, qops.QUANTIZE) == 9 and count(r.module, qops.DEQUANTIZE) == 9
+    assert r8.records[-1].drift_rel < r4.records[-1].drift_rel < 0.2
+    q4 = next(n for n in r4.module.graph.nodes if n.target is qops.QUANTIZE)
+    assert q4.args[3:] == (1, 32, -8, 7)
+
+
+def test_include_exclude_and_notes(tiny_gpt):
+    (idx,) = tiny_gpt.example_inputs
+    res = fxopt.optimize(tiny_gpt.model, "insert-qdq{include=blocks.0.*,exclude=blocks.0.qkv}", tiny_gpt.example_inputs,
+                         calibration=[(idx,)])
+    assert res.records[-1].stats["quantized"] == 3
+    assert "blocks.0.qkv: excluded by pattern, kept in float" in res.records[-1].notes
+
+
+def test_sensitive_layers_stay_float():
+    class Outlier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h * torch.tensor([1000.0] + [1.0] * 63).reshape(64, 1))   # one huge token into b
+    m = Outlier().eval()
+    x = torch.randn(64, 16)
+    res = fxopt.optimize(m, "insert-qdq{max_error=0.01}", (x,), calibration=[(x,)])
+    rec = res.records[-1]
+    assert rec.stats["quantized"] == 1 and rec.stats["errors"]["b"] > 0.01 > rec.stats["errors"]["a"]
+    assert any(n.startswith("b: simulated error") for n in rec.notes)
+
+
+def test_w4_needs_a_multiple_of_the_group():
+    m = torch.nn.Sequential(torch.nn.Linear(48, 8)).eval()
+    res = fxopt.optimize(m, "insert-qdq{scheme=w4-weight-only,group=32}", (torch.randn(2, 48),))
+    assert res.records[-1].status == "not-applicable"
+    res = fxopt.optimize(torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval(),
+                         "insert-qdq{scheme=w4-weight-only,group=32}", (torch.randn(2, 64),))
+    assert "not a multiple of group=32" in res.records[-1].notes[0] and res.records[-1].stats["quantized"] == 1
+
+
+def test_options_and_preconditions(tiny_gpt):
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        InsertQDQ(scheme="w8a16")
+    with pytest.raises(ValueError, match="group must be"):
+        InsertQDQ(scheme="w4-weight-only", group=100)
+    with pytest.raises(fxopt.passes.PassFailedError, match="needs calibration data"):
+        fxopt.optimize(tiny_gpt.model, "insert-qdq", tiny_gpt.example_inputs)
+    with pytest.raises(fxopt.PassError, match="'insert-qdq' must run after 'smoothquant'"):
+        fxopt.optimize(tiny_gpt.model, "insert-qdq,smoothquant", tiny_gpt.example_inputs)
+
+
+def test_embedding_tables_are_stored_int8_per_row(tiny_gpt):
+    res = fxopt.optimize(tiny_gpt.model, "insert-qdq{scheme=w8-weight-only},fuse-qdq", tiny_gpt.example_inputs)
+    rec = res.records[1]
+    assert rec.stats["embeddings"] == 1                               # pos; tok is tied to the head
+    assert any("tied" in n and "kept in float" in n for n in rec.notes)
+    pos = next(n for n in res.module.graph.nodes if n.target is torch.ops.aten.embedding.default
+               and n.args[0].op == "get_attr" and "pos" in n.args[0].target)
+    from fxopt.ir import get_attr
+    assert get_attr(res.module, pos.args[0].target).dtype == torch.int8
+    assert res.records[-1].drift_rel < 0.02
