@@ -70,6 +70,22 @@ def del_attr(gm: torch.nn.Module, target: str) -> None:
         delattr(mod, leaf)
 
 
+def delete_unused_attrs(gm: torch.nn.Module) -> tuple[list[str], int]:
+    """Delete every parameter/buffer no ``get_attr`` reads; returns (names, bytes freed).
+
+    A tied tensor stays alive through the name still in use (its bytes are not counted)."""
+    used = used_attr_targets(gm)
+    names, freed = [], 0
+    live = {get_attr(gm, t).untyped_storage().data_ptr() for t in used if isinstance(get_attr(gm, t), torch.Tensor)}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            if t.untyped_storage().data_ptr() not in live:
+                freed += t.numel() * t.element_size()
+            del_attr(gm, name)
+            names.append(name)
+    return names, freed
+
+
 def fresh_attr_name(gm: torch.nn.Module, base: str) -> str:
     """A dotted attribute path not used yet, derived from ``base``."""
     base = re.sub(r"[^0-9a-zA-Z_.]", "_", base)

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from ..ir.graph import del_attr, used_attr_targets
+from ..ir.graph import delete_unused_attrs
 from .base import Pass, PassContext, PassResult, register_pass
 
 
@@ -32,12 +32,7 @@ class DeadCodeElimination(Pass):
         before = len(gm.graph.nodes)
         gm.graph.eliminate_dead_code()
         removed_nodes = before - len(gm.graph.nodes)
-        used = used_attr_targets(gm)
-        removed_attrs = []
-        for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-            if name not in used:
-                del_attr(gm, name)
-                removed_attrs.append(name)
+        removed_attrs, _ = delete_unused_attrs(gm)
         notes = []
         if removed_attrs:
             shown = ", ".join(removed_attrs[:5]) + (f" (+{len(removed_attrs) - 5} more)" if len(removed_attrs) > 5 else "")

@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from ..ir import qops
-from ..ir.graph import add_constant, del_attr, get_attr, used_attr_targets
+from ..ir.graph import add_constant, delete_unused_attrs, get_attr
 from ..ir.meta import PROVENANCE, QLINEAR, SOURCE_PATH, QuantizedLinear, module_path
 from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
 
@@ -130,13 +130,7 @@ class FuseQDQ(Pass):
         changed = any(stats.values())
         if changed:
             g.eliminate_dead_code()
-            used = used_attr_targets(gm)
-            freed = 0
-            for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-                if name not in used:
-                    freed += t.numel() * t.element_size()
-                    del_attr(gm, name)
-            stats["bytes_freed"] = freed
+            stats["bytes_freed"] = delete_unused_attrs(gm)[1]
         return PassResult(gm, changed, stats=stats)
 
 
