@@ -117,6 +117,8 @@ def observe(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs], nodes: I
 
     batches = list(batches)
     gen = torch.Generator().manual_seed(seed)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = sorted(set(nodes), key=lambda n: order.get(n, -1))      # graph order: the sampling is reproducible
     watch = {n: _Acc(sample_rows, sample_values // max(len(batches), 1) if sample_values else 0, gen) for n in nodes}
     if not watch:
         return {}

@@ -10,8 +10,8 @@ Rewrite rules, in order:
    weight becomes ``matmul(x̂, DQ(W_qᵀ, s_w, 0, axis=1)) + b``: the weight is stored transposed
    so that ONNX holds ``DequantizeLinear → MatMul`` with nothing in between — the pattern ONNX
    Runtime fuses into ``MatMulIntegerToFloat`` (static ``Q → DQ`` input) or
-   ``DynamicQuantizeMatMul`` (``DynamicQuantizeLinear`` input), and keeps as DQ + MatMul for
-   weight-only int8.
+   ``DynamicQuantizeMatMul`` (``DynamicQuantizeLinear`` input); for weight-only int8 (float
+   input) ORT 1.32 rewrites it into an 8-bit ``MatMulNBits``.
 4. **Packed int4.** ``linear(x, DQ(W_q, s, 0, axis=1, block), b)`` with a group-wise int4 weight
    becomes ``fxopt::matmul_nbits(x, packed, s) + b`` (ONNX Runtime's ``MatMulNBits`` layout:
    two values a byte, zero point 8).
@@ -103,6 +103,7 @@ class FuseQDQ(Pass):
             with g.inserting_before(n):
                 if block == 0 and axis == 0:
                     wt = add_constant(gm, f"{wd.args[0].target}_t", wq.t().contiguous(), before=n)
+                    wt_shape = tuple(wq.t().shape)
                     dq_t = g.call_function(qops.DEQUANTIZE, (wt, wd.args[1], wd.args[2], 1, 0))
                     out = g.call_function(aten.matmul.default, (x, dq_t))
                     scheme = "w8a8-" + ("static" if act.endswith("static") else "dynamic") if act else "w8-weight-only"
@@ -120,6 +121,10 @@ class FuseQDQ(Pass):
                     continue
                 if bias is not None:
                     out = g.call_function(aten.add.Tensor, (out, bias))
+            if block == 0 and axis == 0:
+                dq_t.meta["val"] = torch.empty(wt_shape, dtype=torch.float32)
+                PROVENANCE.set(dq_t, self.name)
+                SOURCE_PATH.set(dq_t, path)
             for m in {marked, out}:
                 m.meta["val"] = n.meta.get("val")
                 PROVENANCE.set(m, self.name)

@@ -108,7 +108,7 @@ class InsertQDQ(Pass):
     def requires(self, gm, ctx: PassContext) -> None:
         sel, _ = self._selected(gm)
         has_emb = self.embeddings and any(n.op == "call_function" and n.target is torch.ops.aten.embedding.default
-                                          and n.args[0].op == "get_attr" and get_attr(gm, n.args[0].target).is_floating_point()
+                                          and not PROVENANCE.get(n) and n.args[0].op == "get_attr" and get_attr(gm, n.args[0].target).is_floating_point()
                                           for n in gm.graph.nodes)
         if not sel and not has_emb:
             raise NotApplicable("no linear with a parameter weight to quantize (or all excluded / already quantized)")
@@ -244,8 +244,8 @@ class InsertQDQ(Pass):
         shared = {t for sp in shared_parameters(gm) for t in sp.targets}
         done = 0
         for n in list(gm.graph.nodes):
-            if not (n.op == "call_function" and n.target is torch.ops.aten.embedding.default):
-                continue
+            if not (n.op == "call_function" and n.target is torch.ops.aten.embedding.default) or PROVENANCE.get(n):
+                continue                                       # (lookups this pass made itself: scale tables)
             wnode = n.args[0]
             if not (isinstance(wnode, torch.fx.Node) and wnode.op == "get_attr"):
                 continue

@@ -126,8 +126,9 @@ class SmoothQuant(Pass):
                             continue
                         fold = [(prod.weight, 0)] + ([(prod.bias, 0)] if prod.bias else [])
                         out.append(SmoothGroup("linear", prod.path, next(iter(xs)), cg.consumers, fold))
+        self._vo_skipped: list[str] = []
         if self.value_output:
-            pairs, _ = value_output_pairs(gm)
+            pairs, self._vo_skipped = value_output_pairs(gm)
             for p in pairs:
                 fold = [(p.value.weight, 0)] + ([(p.value.bias, 0)] if p.value.bias else [])
                 out.append(SmoothGroup("v-o", p.value.path, p.output.node.args[0], [p.output], fold))
@@ -154,7 +155,7 @@ class SmoothQuant(Pass):
         groups = self.groups(gm)
         active = [g for g in groups if not g.skip]
         need_rows = self.alpha == "auto"
-        stats = observe(gm, ctx.calibration, {g.x_node for g in active},
+        stats = observe(gm, ctx.calibration, list(dict.fromkeys(g.x_node for g in active)),
                         sample_rows=self.sample_rows if need_rows else 0, desc="smoothquant calibration")
         notes, per_group, applied = [], {}, 0
         for g in groups:
@@ -182,6 +183,7 @@ class SmoothQuant(Pass):
                                  "outlier_ratio": [round(ratio_before, 1), round(ratio_after, 1)]}
             if err is not None:
                 per_group[g.name]["search_error"] = err
+        notes += [f"V→O not smoothed: {r}" for r in self._vo_skipped]
         if not applied:
             notes.append("no group was smoothed")
         return PassResult(gm, applied > 0, stats={"groups": per_group, "smoothed": applied,

@@ -145,3 +145,9 @@ def test_embedding_tables_are_stored_int8_per_row(tiny_gpt):
     from fxopt.ir import get_attr
     assert get_attr(res.module, pos.args[0].target).dtype == torch.int8
     assert res.records[-1].drift_rel < 0.02
+
+
+def test_running_twice_does_not_quantize_its_own_tables(tiny_gpt):
+    res = fxopt.optimize(tiny_gpt.model, "insert-qdq{scheme=w8-weight-only},insert-qdq{scheme=w8-weight-only}",
+                         tiny_gpt.example_inputs)
+    assert not res.records[2].modified and res.records[2].num_nodes == res.records[1].num_nodes

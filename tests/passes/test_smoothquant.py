@@ -96,3 +96,12 @@ def test_overrides_and_exclude():
     assert rec.stats["groups"]["linear:model.layers.0.mlp.up_proj"]["alpha"] == 0.9
     assert any("input_layernorm: excluded" in n for n in rec.notes)
     assert max_abs(outputs(res.module, lm.example_inputs)[0], outputs(lm.model, lm.example_inputs, use_cache=False)[0]) < 1e-4
+
+
+def test_gqa_value_output_skip_is_noted_and_search_is_reproducible():
+    lm = models.hf_tiny("llama-tiny", layers=1)
+    runs = [fxopt.optimize(lm.model, "smoothquant{alpha=auto}", lm.example_inputs, calibration=_calib(lm))
+            for _ in range(2)]
+    notes = runs[0].records[-1].notes
+    assert any(n.startswith("V→O not smoothed: model.layers.0.self_attn.v_proj") and "GQA" in n for n in notes)
+    assert runs[0].records[-1].stats["groups"] == runs[1].records[-1].stats["groups"]
