@@ -10,7 +10,7 @@ from .manager import PassFailedError, PassManager, measure_drift, run_passes
 from .pipeline import PRESETS, PipelineSyntaxError, check_order, format_pipeline, make_pass, parse_pipeline, resolve
 
 # Passes (each registers itself).
-from . import dce, cse, constant_folding, smoothquant, insert_qdq, fuse_qdq  # noqa: E402,F401
+from . import dce, cse, constant_folding, smoothquant, insert_qdq, fuse_qdq, nm_sparsity  # noqa: E402,F401
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassError", "PreconditionError", "PostconditionError",
            "NotApplicable", "register_pass", "registry", "get_pass_class", "PassManager", "PassFailedError",
