@@ -62,6 +62,10 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture takes an nn.Module, got {type(model).__name__}")
     inputs = ExampleInputs.of(example_inputs)
+    # A sliced (non-contiguous) example makes export guard on its strides, and every later
+    # contiguous batch would fail that guard: capture on contiguous copies.
+    inputs = ExampleInputs(tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in inputs.args),
+                           {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in inputs.kwargs.items()})
     tensor_inputs, constants = inputs.split_constants()
     work, constants = _prepared_copy(model, constants)
     dyn_axes = _dynamic_axes(work, tensor_inputs, dynamic)

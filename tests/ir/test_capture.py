@@ -152,3 +152,12 @@ def test_bad_example_inputs():
         capture(lambda x: x, (torch.randn(2),))
     with pytest.raises(CaptureError, match="unknown inputs"):
         capture(_MLP(), (torch.randn(2, 8),), dynamic={"nope": {0: "batch"}})
+
+
+def test_non_contiguous_example_does_not_pin_strides():
+    lm = models.hf_tiny("llama-tiny", layers=1, batch=4, seq=32)
+    ids = lm.example_inputs["input_ids"]
+    view = ids[:2, :16]
+    gm = capture(lm.model, {"input_ids": view, "attention_mask": torch.ones_like(view)}, dynamic=True)
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert max_abs(outputs(gm, full)[0], outputs(lm.model, full, use_cache=False)[0]) < 1e-5
