@@ -63,6 +63,9 @@ import fxopt
 from fxopt import models
 from fxopt.backends.ort import OrtBackend
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fxopt_revision, log  # noqa: E402
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
 # (key, label, pipeline)
@@ -114,23 +117,6 @@ class Engine:
         q = statistics.quantiles(self.times, n=4)
         return q[0] * 1e3, q[2] * 1e3
 
-
-def fxopt_revision() -> str:
-    """The fxopt commit, and whether fxopt/ has uncommitted changes (others work in this tree)."""
-    import subprocess
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "fxopt"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head or 'unknown'}" + (f" + uncommitted changes in {len(dirty.splitlines())} fxopt file(s)" if dirty else " (clean fxopt/)")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- data

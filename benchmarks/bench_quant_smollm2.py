@@ -40,6 +40,9 @@ import torch.nn.functional as F
 
 import fxopt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fxopt_revision, log  # noqa: E402
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,6 +54,9 @@ VARIANTS = [
     ("static-me0.05", "W8A8 static, no SQ, max_error=0.05", "insert-qdq{max_error=0.05},fuse-qdq"),
     ("sq-auto-me0.05", "W8A8 static + SQ auto, max_error=0.05", "smoothquant{alpha=auto},insert-qdq{max_error=0.05},fuse-qdq"),
     ("sq-auto-me0.02", "W8A8 static + SQ auto, max_error=0.02", "smoothquant{alpha=auto},insert-qdq{max_error=0.02},fuse-qdq"),
+    ("static-out", "W8A8 static, outlier inputs per token (outliers=20)", "insert-qdq{outliers=20},fuse-qdq"),
+    ("sq-auto-out", "W8A8 static + SQ auto, outlier inputs per token (outliers=20)",
+     "smoothquant{alpha=auto},insert-qdq{outliers=20},fuse-qdq"),
     ("sq-auto-me0.005", "W8A8 static + SQ auto, max_error=0.005",
      "smoothquant{alpha=auto},insert-qdq{max_error=0.005},fuse-qdq"),
     ("sq-auto-pct", "W8A8 static + SQ auto, percentile 99.99 ranges",
@@ -86,23 +92,6 @@ class Row:
     smoothed: int | None = None
     error: str | None = None
 
-
-def fxopt_revision() -> str:
-    """The fxopt commit, and whether fxopt/ has uncommitted changes (others work in this tree)."""
-    import subprocess
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "fxopt"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head or 'unknown'}" + (f" + uncommitted changes in {len(dirty.splitlines())} fxopt file(s)" if dirty else " (clean fxopt/)")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def load_smollm2():

@@ -31,7 +31,11 @@ One activation quantizer serves all linears that read the same value (q, k and v
 ``max_error > 0`` a linear whose simulated output error on calibration rows (mean over tokens
 of ``‖Q(x)Q(W)ᵀ − xWᵀ‖² / ‖xWᵀ‖²``) exceeds it stays in float, with a note — the lever for inputs
 with extreme outliers (SmolLM2's ``down_proj`` at the attention-sink token). Linears whose
-input dim is not a multiple of ``group`` (w4) stay float with a note.
+input dim is not a multiple of ``group`` (w4) stay float with a note. With ``outliers > 0``
+(static scheme), an activation whose calibrated peak exceeds ``outliers`` × its 99.9th
+percentile of ``|x|`` — the attention-sink token of LLMs, whose ``down_proj`` input reaches
+~3000 where other tokens stay near 10 — is quantized per token at run time instead of with one
+static scale, with a note.
 
 Not exact: the record's drift is the quantization error on the example inputs.
 """
@@ -71,6 +75,7 @@ class InsertQDQ(Pass):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_error: float = 0.0
+    outliers: float = 0.0
     embeddings: bool = True
     sample_rows: int = 512
 
@@ -121,7 +126,22 @@ class InsertQDQ(Pass):
         stats = {}
         if self.scheme == "w8a8-static" or self.max_error > 0:
             stats = observe(gm, ctx.calibration, inputs, sample_rows=self.sample_rows if self.max_error > 0 else 0,
-                            sample_values=1 << 20 if self.calib == "percentile" else 0, desc="insert-qdq calibration")
+                            sample_values=1 << 20 if self.calib == "percentile" or self.outliers > 0 else 0,
+                            desc="insert-qdq calibration")
+        per_token: set[torch.fx.Node] = set()
+        if self.scheme == "w8a8-static" and self.outliers > 0:
+            for x in inputs:
+                st = stats.get(x)
+                vals = st.extra.get("abs_values") if st else None
+                if vals is None or not vals.numel():
+                    continue
+                peak = max(-float(st.min.min()), float(st.max.max()))
+                p999 = float(torch.quantile(vals[: 1 << 24].to(torch.float32), 0.999))
+                if p999 > 0 and peak > self.outliers * p999:
+                    per_token.add(x)
+                    users = [li.path for li in sel if li.node.args[0] is x]
+                    notes.append(f"{', '.join(users)}: input peak {peak:.4g} is {peak / p999:.0f}× its 99.9th "
+                                 f"percentile, quantized per token at run time instead of statically")
         kept, errors = [], {}
         if self.max_error > 0:
             for li in sel:
@@ -142,7 +162,7 @@ class InsertQDQ(Pass):
             x = li.node.args[0]
             if self.quantizes_activations:
                 if x not in act_q:
-                    act_q[x] = self._quantize_activation(gm, x, stats.get(x), li)
+                    act_q[x] = self._quantize_activation(gm, x, stats.get(x), li, static=x not in per_token)
                 li.node.replace_input_with(x, self._dequantize_activation(gm, act_q[x], x, li))
             wq = self._fake_quant_weight(gm, li)
             li.node.replace_input_with(li.node.args[1], wq)
@@ -150,19 +170,20 @@ class InsertQDQ(Pass):
         gm.graph.lint()
         spec = self.scheme + ("" if not self.scheme == "w8a8-dynamic" else f" per-{self.granularity}")
         return PassResult(gm, bool(sel) or n_emb > 0, stats={"quantized": len(sel), "embeddings": n_emb,
-                                                            "scheme": spec, "kept_float": len(notes),
+                                                            "scheme": spec, "kept_float": len(notes) - len(per_token),
+                                                            "per_token_fallback": len(per_token),
                                                 **({"errors": errors} if errors else {})}, notes=notes)
 
     # ------------------------------------------------------------------ activations
 
-    def _quantize_activation(self, gm, x: torch.fx.Node, st, li: LinearInfo):
+    def _quantize_activation(self, gm, x: torch.fx.Node, st, li: LinearInfo, static: bool = True):
         """The quantizer of ``x``, inserted right after it (after the last placeholder for an input)."""
         g = gm.graph
         val = x.meta.get("val")
         point = x if x.op != "placeholder" else [n for n in g.nodes if n.op == "placeholder"][-1]
         nxt = point.next                         # everything goes, in order, before this node
         base = f"_qdq.{_safe(li.path)}.input"
-        if self.scheme == "w8a8-static":
+        if self.scheme == "w8a8-static" and static:
             lo, hi = tensor_range(st, self.calib, self.percentile)
             scale, zp, qmin, qmax = fq.static_qparams(lo, hi, self.symmetric)
             dtype = torch.int8 if self.symmetric else torch.uint8
@@ -174,7 +195,7 @@ class InsertQDQ(Pass):
             QSPEC.set(q, QuantSpec(dtype, qmin, qmax, "per_tensor", symmetric=self.symmetric))
             out = ("static", q, s, z)
         else:
-            per_tensor = self.granularity == "tensor"
+            per_tensor = self.granularity == "tensor" and self.scheme == "w8a8-dynamic"
             with g.inserting_before(nxt):
                 if per_tensor:
                     q = g.call_function(qops.DYNAMIC_QUANTIZE, (x,))

@@ -151,3 +151,28 @@ def test_running_twice_does_not_quantize_its_own_tables(tiny_gpt):
     res = fxopt.optimize(tiny_gpt.model, "insert-qdq{scheme=w8-weight-only},insert-qdq{scheme=w8-weight-only}",
                          tiny_gpt.example_inputs)
     assert not res.records[2].modified and res.records[2].num_nodes == res.records[1].num_nodes
+
+
+def test_outlier_inputs_fall_back_to_per_token():
+    class Sink(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.a(x)
+            spike = torch.ones(64, 16)
+            spike[0, 3] = 1000.0                    # one huge activation (an attention sink) into b
+            return self.b(h * spike)
+    m = Sink().eval()
+    x = torch.randn(64, 16)
+    plain = fxopt.optimize(m, "insert-qdq", (x,), calibration=[(x,)])
+    res = fxopt.optimize(m, "insert-qdq{outliers=20}", (x,), calibration=[(x,)])
+    rec = res.records[-1]
+    assert rec.stats["per_token_fallback"] == 1 and any(n.startswith("b: input peak") for n in rec.notes)
+    assert count(res.module, qops.QUANTIZE_PER_TOKEN) == 1
+    ref = m(x)
+    err = lambda out: float(((out - ref)[1:] ** 2).sum() / (ref[1:] ** 2).sum())   # noqa: E731
+    assert err(res.module(x)) < 0.01 < err(plain.module(x))
