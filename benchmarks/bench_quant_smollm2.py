@@ -57,6 +57,8 @@ VARIANTS = [
     ("static-out", "W8A8 static, outlier inputs per token (outliers=20)", "insert-qdq{outliers=20},fuse-qdq"),
     ("sq-auto-out", "W8A8 static + SQ auto, outlier inputs per token (outliers=20)",
      "smoothquant{alpha=auto},insert-qdq{outliers=20},fuse-qdq"),
+    ("sq-auto-out4", "W8A8 static + SQ auto, outlier inputs per token (outliers=4)",
+     "smoothquant{alpha=auto},insert-qdq{outliers=4},fuse-qdq"),
     ("sq-auto-me0.005", "W8A8 static + SQ auto, max_error=0.005",
      "smoothquant{alpha=auto},insert-qdq{max_error=0.005},fuse-qdq"),
     ("sq-auto-pct", "W8A8 static + SQ auto, percentile 99.99 ranges",
