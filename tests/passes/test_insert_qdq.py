@@ -96,18 +96,22 @@ def test_include_exclude_and_notes(tiny_gpt):
     assert "blocks.0.qkv: excluded by pattern, kept in float" in res.records[-1].notes
 
 
-def test_sensitive_layers_stay_float():
-    class Outlier(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = torch.nn.Linear(16, 16)
-            self.b = torch.nn.Linear(16, 16)
+class TwoLinears(torch.nn.Module):
+    """a → (× spike) → b: ``spike`` puts huge values into b's input (a whole token, or one element)."""
 
-        def forward(self, x):
-            h = self.a(x)
-            return self.b(h * torch.tensor([1000.0] + [1.0] * 63).reshape(64, 1))   # one huge token into b
-    m = Outlier().eval()
+    def __init__(self, spike: torch.Tensor):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 16)
+        self.register_buffer("spike", spike)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.spike)
+
+
+def test_sensitive_layers_stay_float():
+    m = TwoLinears(torch.tensor([1000.0] + [1.0] * 63).reshape(64, 1)).eval()   # one huge token into b
     x = torch.randn(64, 16)
     res = fxopt.optimize(m, "insert-qdq{max_error=0.01}", (x,), calibration=[(x,)])
     rec = res.records[-1]
@@ -154,19 +158,9 @@ def test_running_twice_does_not_quantize_its_own_tables(tiny_gpt):
 
 
 def test_outlier_inputs_fall_back_to_per_token():
-    class Sink(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = torch.nn.Linear(16, 16)
-            self.b = torch.nn.Linear(16, 16)
-
-        def forward(self, x):
-            h = self.a(x)
-            spike = torch.ones(64, 16)
-            spike[0, 3] = 1000.0                    # one huge activation (an attention sink) into b
-            return self.b(h * spike)
-    m = Sink().eval()
+    spike = torch.ones(64, 16)
+    spike[0, 3] = 1000.0                    # one huge activation (an attention sink) into b
+    m = TwoLinears(spike).eval()
     x = torch.randn(64, 16)
     plain = fxopt.optimize(m, "insert-qdq", (x,), calibration=[(x,)])
     res = fxopt.optimize(m, "insert-qdq{outliers=20}", (x,), calibration=[(x,)])
