@@ -71,17 +71,21 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 # (key, label, pipeline)
 VARIANTS = [
     ("sq-auto", "fxopt W8A8 static + SQ α=auto", "smoothquant{alpha=auto},insert-qdq,fuse-qdq"),
+    ("sq-auto-att", "fxopt W8A8 static + SQ α=auto + attention matmuls",
+     "smoothquant{alpha=auto},insert-qdq{attention=true},fuse-qdq"),
     ("sq-0.5", "fxopt W8A8 static + SQ α=0.5", "smoothquant{alpha=0.5},insert-qdq,fuse-qdq"),
     ("static", "fxopt W8A8 static (no SQ)", "insert-qdq,fuse-qdq"),
     ("dyn-tensor", "fxopt W8A8 dynamic per-tensor", "insert-qdq{scheme=w8a8-dynamic,granularity=tensor},fuse-qdq"),
+    ("dyn-tensor-att", "fxopt W8A8 dynamic per-tensor + attention matmuls",
+     "insert-qdq{scheme=w8a8-dynamic,granularity=tensor,attention=true},fuse-qdq"),
     ("dyn-token", "fxopt W8A8 dynamic per-token", "insert-qdq{scheme=w8a8-dynamic},fuse-qdq"),
     ("w8", "fxopt W8 weight-only", "insert-qdq{scheme=w8-weight-only},fuse-qdq"),
     ("w4-g32", "fxopt W4 weight-only g32", "insert-qdq{scheme=w4-weight-only,group=32},fuse-qdq"),
     ("w4-g64", "fxopt W4 weight-only g64", "insert-qdq{scheme=w4-weight-only,group=64},fuse-qdq"),
     ("w4-g128", "fxopt W4 weight-only g128", "insert-qdq{scheme=w4-weight-only,group=128},fuse-qdq"),
 ]
-QUICK = ("sq-auto", "static", "dyn-tensor", "w4-g32")
-PROFILED = ("fp32", "ort-dynamic", "ort-static-linears", "sq-auto", "static", "dyn-tensor", "dyn-token", "w8", "w4-g32")
+QUICK = ("sq-auto", "sq-auto-att", "static", "dyn-tensor", "w4-g64")
+PROFILED = ("fp32", "ort-dynamic", "ort-static-linears", "sq-auto", "sq-auto-att", "static", "dyn-tensor", "dyn-token", "w8", "w4-g32")
 
 INT_KERNELS = {"MatMulIntegerToFloat": "MMI2F", "DynamicQuantizeMatMul": "DQMM", "QLinearMatMul": "QLMM",
                "MatMulInteger": "MMInt", "MatMulNBits": "NBits", "QAttention": "QAttn", "QGemm": "QGemm"}
@@ -395,7 +399,7 @@ def targets(engines: dict[str, Engine], base: Engine, alt: dict[str, Engine], al
         return "MET" if flag else "MISSED"
 
     dyn = engines.get("ort-dynamic")
-    for key in ("sq-auto", "sq-0.5"):
+    for key in ("sq-auto", "sq-auto-att", "sq-0.5"):
         e = engines.get(key)
         if not e or e.error or not e.times:
             continue

@@ -29,6 +29,7 @@ class OptimizeResult:
     example_inputs: ExampleInputs
     capture_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    moe_runtime_: Any = field(default=None, repr=False)      # the MoERuntime made by moe_runtime()
 
     # ------------------------------------------------------------------ records
 
@@ -50,8 +51,17 @@ class OptimizeResult:
         return diff_records(self.record(a), rb, context=context)
 
     def report(self) -> str:
-        """The pass-by-pass table."""
-        return format_records(self.records)
+        """The pass-by-pass table (and the MoE blocks, their plans and recompilations, if any)."""
+        from .passes.moe_recompile import moe_report
+        return format_records(self.records) + moe_report(self.module, self.moe_runtime_)
+
+    def moe_runtime(self, **kwargs):
+        """A :class:`fxopt.passes.moe_recompile.MoERuntime` serving :attr:`module` (after
+        ``moe-recompile``): call it per batch or ``.run(batches)``; :meth:`report` then shows
+        its plans and recompilations."""
+        from .passes.moe_recompile import MoERuntime
+        self.moe_runtime_ = MoERuntime(self.module, **kwargs)
+        return self.moe_runtime_
 
     def summary(self) -> list[dict]:
         return [r.summary() for r in self.records]
@@ -59,13 +69,14 @@ class OptimizeResult:
     # ------------------------------------------------------------------ running and lowering
 
     def __call__(self, *args, **kwargs):
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+        return call(self.module, ExampleInputs(args, kwargs))      # offloaded graphs load weights as they run
 
     def export_onnx(self, path: str | Path, *, example_inputs: Any = None, **kwargs):
         """Lower to ONNX and verify it in ONNX Runtime (see :func:`fxopt.lowering.export_onnx`)."""
+        from .ir.offload import is_offloaded, materialize
         from .lowering import export_onnx
-        return export_onnx(self.module, path, example_inputs if example_inputs is not None else self.example_inputs,
+        module = materialize(clone(self.module)) if is_offloaded(self.module) else self.module
+        return export_onnx(module, path, example_inputs if example_inputs is not None else self.example_inputs,
                            **kwargs)
 
 
@@ -85,6 +96,8 @@ def optimize(
     check_exact: bool = True,
     measure_drift: bool = True,
     capture_method: str = "auto",
+    layerwise_calibration: bool = False,
+    offload_dir: str | Path | None = None,
 ) -> OptimizeResult:
     """Capture ``model`` and run ``passes`` on it.
 
@@ -102,6 +115,11 @@ def optimize(
         bisect: run only the first N passes (the rest are recorded as skipped).
         reproducer_dir: where a failing pass writes its reproducer.
         check_exact: verify that passes declared exact keep the outputs (float tolerance).
+        layerwise_calibration: calibrate one layer at a time for all batches (each layer's weights
+            fetched once; see :func:`fxopt.passes.calibration.observe`).
+        offload_dir: keep the captured graph's weights in files there, loaded only when read
+            (:mod:`fxopt.ir.offload`): the pipeline's copies and snapshots then cost no weight
+            memory. The folder must outlive the returned module.
     """
     if example_inputs is None:
         raise ValueError("optimize needs example_inputs: a tensor, a tuple of positional inputs, or a dict of "
@@ -121,6 +139,9 @@ def optimize(
     else:
         gm = capture(model, given, dynamic=dynamic, method=capture_method)
         reference_model = model
+    if offload_dir is not None:
+        from .ir.offload import offload_parameters
+        offload_parameters(gm, offload_dir)
     capture_seconds = time.perf_counter() - t0
 
     bound = CAPTURE.get(gm).bound_kwargs if CAPTURE.get(gm) else {}
@@ -136,7 +157,7 @@ def optimize(
             m.training = flag
 
     ctx = PassContext(example_inputs=inputs, reference_outputs=[t.detach() for t in reference],
-                      calibration=calib)
+                      calibration=calib, calibration_mode="layerwise" if layerwise_calibration else "batch")
     insts: list[Instrument] = list(instruments)
     if print_after or print_after_change:
         names = None if print_after in (True, None) else set(print_after)

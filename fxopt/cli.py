@@ -21,6 +21,11 @@ def _common(p: argparse.ArgumentParser, *, passes_default: str | None = DEFAULT_
                                  "an HF model folder | package.module:factory")
     p.add_argument("--passes", default=passes_default, help=f"pipeline text (default: {passes_default!r})")
     p.add_argument("--dynamic", action="store_true", help="capture batch and sequence as dynamic dims")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate on batches of the bundled real text (on by default when a pass needs calibration)")
+    p.add_argument("--layerwise-calibration", action="store_true",
+                   help="calibrate one layer at a time for all batches (weights fetched once per layer)")
+    p.add_argument("--offload-dir", metavar="DIR", help="keep the captured weights in files in DIR, loaded when read")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +97,16 @@ def _load(spec: str):
 def _optimize(args, **kw):
     import fxopt
     lm = _load(args.model)
-    return lm, fxopt.optimize(lm.model, args.passes, lm.example_inputs, dynamic=args.dynamic or None, **kw)
+    calib = None
+    if getattr(args, "calibrate", False) or any(k in (args.passes or "") for k in CALIBRATING):
+        calib = _demo_calibration(lm)
+    return lm, fxopt.optimize(lm.model, args.passes, lm.example_inputs, calibration=calib,
+                              dynamic=args.dynamic or None,
+                              layerwise_calibration=getattr(args, "layerwise_calibration", False),
+                              offload_dir=getattr(args, "offload_dir", None), **kw)
+
+
+CALIBRATING = ("smoothquant", "insert-qdq", "nm-finetune", "moe-")
 
 
 def cmd_optimize(args) -> int:

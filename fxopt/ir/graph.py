@@ -23,19 +23,47 @@ def clone(module):
 
 
 def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    """The tensor behind a ``get_attr`` target such as ``encoder.layer.0.output.dense.weight``."""
+    """The tensor behind a ``get_attr`` target such as ``encoder.layer.0.output.dense.weight``.
+
+    On an offloaded graph (:mod:`fxopt.ir.offload`) the tensor is loaded from its file; the
+    module keeps no reference to it."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, torch.Tensor) and obj.is_meta:
+        from .offload import offload_map
+        om = offload_map(gm)
+        if om is not None and target in om.files:
+            return om.load(target)
+    return obj
+
+
+def attr_meta(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The tensor object registered at ``target`` without loading it (a ``meta`` tensor when offloaded):
+    for shapes, dtypes and byte counts."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor, *, as_parameter: bool | None = None) -> None:
+def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor, *, as_parameter: bool | None = None,
+             _raw: bool = False) -> None:
     """Set (or create) the tensor at a dotted path, creating intermediate modules as needed.
 
     Replacing a Parameter keeps it a Parameter (``requires_grad=False``); new tensors become
-    buffers unless ``as_parameter`` says otherwise.
+    buffers unless ``as_parameter`` says otherwise. On an offloaded graph a large value goes to a
+    new file (copy on write) and the module holds a ``meta`` tensor for it.
     """
+    if not _raw:
+        from .offload import offload_map
+        om = offload_map(gm)
+        if om is not None and isinstance(value, torch.Tensor) and not value.is_meta:
+            if value.numel() * value.element_size() >= om.min_bytes:
+                om.save(target, value)
+                value = torch.empty_like(value, device="meta")
+            else:
+                om.files.pop(target, None)
     *parents, leaf = target.split(".")
     mod = gm
     for part in parents:
@@ -74,16 +102,35 @@ def delete_unused_attrs(gm: torch.nn.Module) -> tuple[list[str], int]:
     """Delete every parameter/buffer no ``get_attr`` reads; returns (names, bytes freed).
 
     A tied tensor stays alive through the name still in use (its bytes are not counted)."""
+    from .offload import offload_map
+
     used = used_attr_targets(gm)
+    om = offload_map(gm)
     names, freed = [], 0
-    live = {get_attr(gm, t).untyped_storage().data_ptr() for t in used if isinstance(get_attr(gm, t), torch.Tensor)}
+    live = {_storage_key(gm, t, om) for t in used if isinstance(attr_meta(gm, t), torch.Tensor)}
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:
-            if t.untyped_storage().data_ptr() not in live:
+            if _storage_key(gm, name, om) not in live:
                 freed += t.numel() * t.element_size()
             del_attr(gm, name)
+            if om is not None:
+                om.files.pop(name, None)
             names.append(name)
     return names, freed
+
+
+def storage_key(gm, target: str) -> tuple:
+    """Identity of the storage behind ``target``: two targets with the same key alias one tensor
+    (for offloaded weights, the same file)."""
+    from .offload import offload_map
+    return _storage_key(gm, target, offload_map(gm))
+
+
+def _storage_key(gm, target: str, om) -> tuple:
+    t = attr_meta(gm, target)
+    if om is not None and target in om.files:
+        return ("file", om.files[target])
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 
 def fresh_attr_name(gm: torch.nn.Module, base: str) -> str:
@@ -123,13 +170,16 @@ def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:
 
 def parameter_bytes(gm: torch.fx.GraphModule) -> int:
     """Bytes of every distinct tensor the graph reads through ``get_attr`` (tied weights counted once)."""
+    from .offload import offload_map
+
+    om = offload_map(gm)
     seen: set[tuple] = set()
     total = 0
     for target in used_attr_targets(gm):
-        t = get_attr(gm, target)
+        t = attr_meta(gm, target)
         if not isinstance(t, torch.Tensor):
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        key = _storage_key(gm, target, om)
         if key in seen:
             continue
         seen.add(key)
@@ -154,7 +204,7 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
             lines.append(f"%{n.name} = input {_val_str(n)}")
         elif n.op == "get_attr":
             try:
-                t = get_attr(gm, n.target)
+                t = attr_meta(gm, n.target)
                 desc = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
             except AttributeError:
                 desc = "missing"
@@ -197,9 +247,26 @@ def flatten_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def call(module: torch.nn.Module, inputs: "ExampleInputs") -> Any:
-    """Run ``module`` on normalized example inputs under ``no_grad``."""
+    """Run ``module`` on normalized example inputs under ``no_grad`` (offloaded graphs load weights as they go)."""
+    from .offload import is_offloaded, run_offloaded
+
+    if isinstance(module, torch.fx.GraphModule) and is_offloaded(module):
+        return run_offloaded(module, inputs)
     with torch.no_grad():
         return module(*inputs.args, **inputs.kwargs)
+
+
+def flat_inputs(gm: torch.fx.GraphModule, inputs: "ExampleInputs") -> list:
+    """Inputs in placeholder order (exported modules take a pytree spec)."""
+    import torch.fx._pytree as fx_pytree
+
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        return list(fx_pytree.tree_flatten_spec((inputs.args, inputs.kwargs), spec))
+    if inputs.kwargs:
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        return [*inputs.args, *[inputs.kwargs[n] for n in names[len(inputs.args):]]]
+    return list(inputs.args)
 
 
 class ExampleInputs:

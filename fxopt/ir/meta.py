@@ -128,14 +128,78 @@ class PermutationRecord:
 
 
 @dataclass
-class MoEBlock:
-    """A recognized mixture-of-experts block (issue #5)."""
+class SharedExpert:
+    """A dense expert every token goes through beside the routed ones (Qwen2-MoE), optionally
+    scaled by ``sigmoid(x · gateᵀ)``. It stays in the graph as ordinary linears."""
 
-    router: str
-    experts: list[str]
+    weights: list[str]          # qualified names of its linears' weights
+    gate: str = ""              # weight of the sigmoid gate linear ('' when ungated)
+    output_node: str = ""       # node whose value is added to the routed experts' output
+
+
+@dataclass
+class RoutingProfile:
+    """Tokens routed to each expert of one block, per calibration batch (issue #5, item 2).
+
+    ``loads[b, e]`` counts the (token, choice) assignments of batch ``b`` that picked expert
+    ``e`` (before any capacity); ``tokens[b]`` is the batch's token count, so
+    ``share[b, e] = loads[b, e] / (tokens[b] · top_k)``."""
+
+    loads: torch.Tensor         # int64 [batches, experts]
+    tokens: list[int]
     top_k: int
-    num_experts: int
-    module_path: str = ""
+
+    @property
+    def shares(self) -> torch.Tensor:
+        t = torch.tensor(self.tokens, dtype=torch.float64).unsqueeze(1) * self.top_k
+        return self.loads.to(torch.float64) / t
+
+    @property
+    def mean_share(self) -> torch.Tensor:
+        """Share of all profiled assignments each expert received."""
+        return self.loads.sum(0).to(torch.float64) / (sum(self.tokens) * self.top_k)
+
+    @property
+    def max_share(self) -> torch.Tensor:
+        return self.shares.max(0).values
+
+    @property
+    def std_share(self) -> torch.Tensor:
+        """Spread of each expert's share across batches (0 with one batch)."""
+        s = self.shares
+        return s.std(0, unbiased=False) if s.shape[0] > 1 else torch.zeros(s.shape[1], dtype=torch.float64)
+
+
+@dataclass
+class MoEBlock:
+    """A recognized mixture-of-experts block (issue #5); set on the node that yields the routed
+    experts' combined output (the ``fxopt::moe`` node once rewritten).
+
+    Expert weights are stacked ``w_in [E, F', D]`` (``F' = 2F`` when gated: gate rows first,
+    then up rows) and ``w_out [E, D, F]``, ``nn.Linear`` layout per expert."""
+
+    name: str                   # module path of the block (``model.layers.0.mlp``), unique in the graph
+    router: str                 # qualified name of the router weight [E_all, D]
+    w_in: str
+    w_out: str
+    num_experts: int            # experts the router scores (before pruning)
+    top_k: int
+    norm_topk: bool             # top-k weights renormalized to sum to 1
+    gated: bool
+    activation: str             # key of fxopt.ir.moeops.ACTIVATIONS
+    d_model: int
+    d_ff: int
+    source: str = ""            # "gathered" (expert weights gathered per assignment: HF batched_mm, fxopt.nn.MoELayer),
+    #                             "grouped" (HF grouped_mm: tokens sorted by expert), "fxopt-op"
+    shared_expert: SharedExpert | None = None
+    experts: list[int] = field(default_factory=list)     # original ids of the experts kept ([] = all)
+    capacity: list[float] = field(default_factory=list)  # per-expert capacity factors ([] = dropless)
+    routing: str = "vanilla"
+    profile: RoutingProfile | None = None
+
+    @property
+    def active_experts(self) -> int:
+        return len(self.experts) if self.experts else self.num_experts
 
 
 # --------------------------------------------------------------------------- keys
@@ -162,6 +226,8 @@ MOE: MetaKey[MoEBlock] = MetaKey("fxopt_moe", MoEBlock, "MoE block description o
 
 # On GraphModule.meta.
 CAPTURE: MetaKey[CaptureInfo] = MetaKey("fxopt_capture", CaptureInfo, "how the graph was captured", on_graph=True)
+OFFLOAD: MetaKey[Any] = MetaKey("fxopt_offload", Any, "OffloadMap: the files of weights kept on disk "
+                                "(fxopt.ir.offload)", on_graph=True)
 APPLIED: MetaKey[list] = MetaKey("fxopt_applied", list, "pipeline text of each pass applied so far", on_graph=True)
 
 ALL_KEYS = [VAL, TENSOR_META, NN_MODULE_STACK, STACK_TRACE, PROVENANCE, SOURCE_PATH, CALIB_STATS, QSPEC, QLINEAR,

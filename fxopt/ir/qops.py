@@ -173,3 +173,30 @@ def _matmul_nbits_fake(x, packed, scales, k, n, bits, block_size):
 
 
 MATMUL_NBITS = torch.ops.fxopt.matmul_nbits.default
+
+
+@torch.library.custom_op("fxopt::gather_nbits", mutates_args=())
+def gather_nbits(packed: Tensor, indices: Tensor, scales: Tensor, d: int, block_size: int) -> Tensor:
+    """Rows of a 4-bit table: ``out[..., j] = (q[idx, j] − 8) · scales[idx, j // block]`` (``GatherBlockQuantized``).
+
+    ``packed``: uint8 ``[V, d/2]``, two values per byte, low nibble first, stored ``+8``;
+    ``scales``: ``[V, d/block]``. Only the gathered rows are unpacked."""
+    rows = packed[indices.reshape(-1)]
+    q = unpack_nbits(rows, d).to(torch.float32)
+    s = scales[indices.reshape(-1)].to(torch.float32).repeat_interleave(block_size, dim=1)[:, :d]
+    return (q * s).reshape(*indices.shape, d)
+
+
+@gather_nbits.register_fake
+def _gather_nbits_fake(packed, indices, scales, d, block_size):
+    return packed.new_empty((*indices.shape, d), dtype=torch.float32)
+
+
+GATHER_NBITS = torch.ops.fxopt.gather_nbits.default
+
+
+def pack_rows_nbits(q: Tensor) -> Tensor:
+    """Signed int4 values ``[V, d]`` → uint8 ``[V, d/2]`` (value ``+8``, low nibble first), the layout of
+    ``GatherBlockQuantized`` with uint8 data."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()

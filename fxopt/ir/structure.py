@@ -25,7 +25,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from .graph import get_attr
+from .graph import attr_meta, get_attr, storage_key
 from .meta import describe, module_path
 
 aten = torch.ops.aten
@@ -355,10 +355,10 @@ def shared_parameters(gm: torch.fx.GraphModule) -> list[SharedParam]:
     for n in gm.graph.nodes:
         if n.op != "get_attr":
             continue
-        t = get_attr(gm, n.target)
+        t = attr_meta(gm, n.target)                      # never loads an offloaded weight
         if not isinstance(t, torch.Tensor):
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        key = storage_key(gm, n.target)                  # offloaded: its file; in memory: its storage
         by_storage.setdefault(key, []).append(n)
     out = []
     for nodes in by_storage.values():
@@ -424,6 +424,7 @@ class ValueOutputPair:
     value: LinearInfo
     output: LinearInfo
     heads: int
+    rep: int = 1          # query heads per KV head (GQA): O column (g, j) reads V channel (g // rep, j)
 
 
 def value_output_pairs(gm: torch.fx.GraphModule) -> tuple[list[ValueOutputPair], list[str]]:
@@ -443,8 +444,9 @@ def value_output_pairs(gm: torch.fx.GraphModule) -> tuple[list[ValueOutputPair],
         v = sdpa.args[2]
         chain_v = []
         while _is_call(v, TRANSPARENT | RESHAPES | {aten.transpose.int, aten.permute.default, aten.expand.default,
-                                                       aten.contiguous.default}):
-            chain_v.append(v)
+                                                       aten.contiguous.default}) or _is_full_slice(v):
+            if not _is_full_slice(v):                    # dynamic captures keep x[:, :] as no-op slices
+                chain_v.append(v)
             v = v.args[0]
         if v not in lins:
             continue
@@ -453,10 +455,15 @@ def value_output_pairs(gm: torch.fx.GraphModule) -> tuple[list[ValueOutputPair],
         if qv is None or vv is None or qv.dim() != 4 or vv.dim() != 4:
             skipped.append(f"{vinfo.path}: attention is not 4-D [batch, heads, seq, dim]")
             continue
-        if sdpa.kwargs.get("enable_gqa") or any(_is_call(c, {aten.expand.default}) for c in chain_v) \
-                or qv.shape[1] != vv.shape[1] or vv.shape[1] * vv.shape[3] != vinfo.out_features:
-            skipped.append(f"{vinfo.path}: key/value heads are shared by several query heads (GQA); "
-                           "V→O smoothing would need one scale per KV-head group")
+        chain_v, rep = _strip_repeat_kv(chain_v)
+        gqa = sdpa.kwargs.get("enable_gqa", False) or (len(sdpa.args) > 7 and sdpa.args[7])
+        if gqa and rep == 1 and isinstance(qv.shape[1], int) and isinstance(vv.shape[1], int) \
+                and vv.shape[1] and qv.shape[1] % vv.shape[1] == 0:
+            rep = qv.shape[1] // vv.shape[1]             # torch's own GQA: query head g reads KV head g // rep
+        kv_heads = vv.shape[1] if gqa else vv.shape[1] // rep
+        if rep < 1 or any(_is_call(c, {aten.expand.default}) for c in chain_v) \
+                or qv.shape[1] != kv_heads * rep or kv_heads * vv.shape[3] != vinfo.out_features:
+            skipped.append(f"{vinfo.path}: V reaches attention through an unrecognized head expansion")
             continue
         if not _transposes_swap_heads_and_seq(chain_v):
             skipped.append(f"{vinfo.path}: V reaches attention through an unrecognized reshape")
@@ -466,21 +473,57 @@ def value_output_pairs(gm: torch.fx.GraphModule) -> tuple[list[ValueOutputPair],
             u = next(iter(n.users))
             if u in lins:
                 break
-            if not _is_call(u, TRANSPARENT | RESHAPES | {aten.transpose.int, aten.permute.default,
-                                                         aten.contiguous.default}):
+            if not (_is_call(u, TRANSPARENT | RESHAPES | {aten.transpose.int, aten.permute.default,
+                                                          aten.contiguous.default}) or _is_full_slice(u)):
                 break
-            chain_o.append(u)
+            if not _is_full_slice(u):
+                chain_o.append(u)
             n = u
         users = [u for u in n.users if u in lins and u.args[0] is n]
         if len(users) != 1 or len(n.users) != 1 or not _transposes_swap_heads_and_seq(chain_o):
             skipped.append(f"{vinfo.path}: the attention output does not reach one linear through a head merge")
             continue
         oinfo = lins[users[0]]
-        if oinfo.in_features != vinfo.out_features:
-            skipped.append(f"{vinfo.path}: {oinfo.path} reads {oinfo.in_features} channels, V makes {vinfo.out_features}")
+        if oinfo.in_features != vinfo.out_features * rep:
+            skipped.append(f"{vinfo.path}: {oinfo.path} reads {oinfo.in_features} channels, V makes "
+                           f"{vinfo.out_features} for {rep} query head(s) each")
             continue
-        pairs.append(ValueOutputPair(vinfo, oinfo, int(vv.shape[1])))
+        pairs.append(ValueOutputPair(vinfo, oinfo, int(kv_heads), int(rep)))
     return pairs, skipped
+
+
+def _is_full_slice(n) -> bool:
+    """``x[..., :, ...]``: a ``slice`` that keeps the whole dim (dynamic captures keep these)."""
+    if not _is_call(n, {aten.slice.Tensor}):
+        return False
+    a, b = _val(n.args[0]), _val(n)
+    step = n.args[4] if len(n.args) > 4 else 1
+    start = n.args[2] if len(n.args) > 2 else 0
+    return a is not None and b is not None and step == 1 and start in (0, None) and \
+        tuple(a.shape) == tuple(b.shape)
+
+
+def _strip_repeat_kv(chain: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], int]:
+    """Remove HF's ``repeat_kv`` (unsqueeze(2) → expand to ``[b, kv, rep, s, d]`` → reshape to
+    ``[b, kv·rep, s, d]``) from a V chain (listed from attention back to V); returns the rest and ``rep``."""
+    for i, n in enumerate(chain):
+        if not _is_call(n, {aten.expand.default}):
+            continue
+        a, b = _val(n.args[0]), _val(n)
+        if a is None or b is None or a.dim() != 5 or b.dim() != 5 or a.shape[2] != 1:
+            return chain, 1
+        if tuple(a.shape[:2]) != tuple(b.shape[:2]) or tuple(a.shape[3:]) != tuple(b.shape[3:]):
+            return chain, 1
+        before = chain[i + 1] if i + 1 < len(chain) else None
+        after = chain[i - 1] if i > 0 else None
+        if not (_is_call(before, {aten.unsqueeze.default}) and before.args[1] % 5 == 2 if before is not None else False):
+            return chain, 1
+        av = _val(after) if after is not None else None
+        if not (_is_call(after, RESHAPES) and av is not None and av.dim() == 4
+                and av.shape[1] == b.shape[1] * b.shape[2] and tuple(av.shape[2:]) == tuple(b.shape[3:])):
+            return chain, 1
+        return chain[:i - 1] + chain[i + 2:], int(b.shape[2])
+    return chain, 1
 
 
 def _transposes_swap_heads_and_seq(chain: list[torch.fx.Node]) -> bool:

@@ -141,3 +141,135 @@ def matmul_nbits_onnx(x, packed, scales, k: int, n: int, bits: int, block_size: 
 
 
 TRANSLATIONS[torch.ops.fxopt.matmul_nbits.default] = matmul_nbits_onnx
+
+
+def _register_gather_block_quantized_schema() -> None:
+    """GatherBlockQuantized (com.microsoft, v1): gather rows of a block-quantized table (4-bit
+    embeddings), registered for the exporter as ONNX Runtime defines it."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("GatherBlockQuantized", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    opt = OpSchema.FormalParameterOption.Optional
+    onnx.defs.register_schema(OpSchema(
+        "GatherBlockQuantized", "com.microsoft", 1,
+        doc="Gather along gather_axis from data quantized in blocks along quantize_axis, then dequantize.",
+        inputs=[P("data", "T1"), P("indices", "Tind"), P("scales", "T2"), P("zero_points", "T1", param_option=opt)],
+        outputs=[P("output", "T2")],
+        type_constraints=[("T1", ["tensor(int4)", "tensor(uint4)", "tensor(uint8)"], ""),
+                          ("T2", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
+        attributes=[A("gather_axis", OpSchema.AttrType.INT, "", required=False),
+                    A("quantize_axis", OpSchema.AttrType.INT, "", required=False),
+                    A("block_size", OpSchema.AttrType.INT, "", required=False),
+                    A("bits", OpSchema.AttrType.INT, "", required=False)],
+    ))
+
+
+_register_gather_block_quantized_schema()
+
+
+def gather_nbits_onnx(packed, indices, scales, d: int, block_size: int):
+    return _MSFT.GatherBlockQuantized(packed, indices, scales, gather_axis=0, quantize_axis=1,
+                                      block_size=block_size, bits=4)
+
+
+TRANSLATIONS[torch.ops.fxopt.gather_nbits.default] = gather_nbits_onnx
+
+
+# --------------------------------------------------------------------------- MoE (issue #5)
+# ``fxopt::moe`` (fxopt.ir.moeops) → static-shape ONNX: Softmax → TopK, the dispatch positions
+# by a cumulative sum over one-hot expert ids, one Gather of the ``Σ cap_e`` token slots, one
+# batched MatMul per group of experts of equal capacity, the routing weights, and a ScatterND
+# with reduction "add" back to the tokens. Static because the token count is: export the graph
+# with static shapes (``dynamic=False``); the capacities are then constants of the file.
+
+from ..ir import moeops  # noqa: E402 - registers torch.ops.fxopt.moe
+
+
+def _ints(values) -> "onnxscript.ir.Value":
+    return op.Constant(value_ints=[int(v) for v in values])
+
+
+def _moe_act(h, activation: str):
+    if activation == "silu":
+        return op.Mul(h, op.Sigmoid(h))
+    if activation == "relu":
+        return op.Relu(h)
+    if activation == "gelu":
+        return op.Gelu(h)
+    if activation == "gelu_tanh":
+        return op.Gelu(h, approximate="tanh")
+    raise ValueError(f"fxopt::moe: no ONNX form for activation {activation!r}")
+
+
+def moe_onnx(x, router_logits, w_in, w_out, top_k: int, norm_topk: bool, gated: bool, activation: str,
+             capacity, routing: str, experts, block: str):
+    t, d = x.shape[0], x.shape[1]
+    if not isinstance(t, int) or not isinstance(d, int):
+        raise ValueError(f"fxopt::moe{' ' + block if block else ''}: the token count is dynamic ({t}); MoE blocks "
+                         "lower to static-shape ONNX: export with dynamic=False (one file per batch shape)")
+    e = int(w_in.shape[0])
+    caps = moeops.capacities(t, top_k, e, list(capacity))
+    base, groups = moeops.slot_layout(caps)
+    total = sum(caps)
+    logits = router_logits
+    if experts:
+        logits = op.Gather(logits, _ints(experts), axis=1)
+    probs = op.Softmax(op.Cast(logits, to=1), axis=-1)
+    w, ids = op.TopK(probs, _ints([top_k]), axis=-1, largest=1, sorted=1)
+    if norm_topk:
+        w = op.Div(w, op.ReduceSum(w, _ints([-1]), keepdims=1))
+    if routing == "bpr" and top_k == 1 and norm_topk:                  # moeops.route: every weight is 1,
+        priority, _ = op.TopK(probs, _ints([1]), axis=-1, largest=1, sorted=1)   # so the probability
+    else:
+        priority = w                                                   # the routing weight of choice j
+    toks, es, ws = [], [], []
+    for j in range(top_k):                                             # k-major dispatch, one round per choice
+        col = lambda v: op.Reshape(op.Slice(v, _ints([j]), _ints([j + 1]), _ints([1])), _ints([-1]))
+        if routing == "bpr":
+            _, order = op.TopK(col(priority), _ints([t]), axis=-1, largest=1, sorted=1)
+        else:
+            order = _ints(range(t))
+        toks.append(order)
+        es.append(op.Gather(col(ids), order, axis=0))
+        ws.append(op.Gather(col(w), order, axis=0))
+    cat = lambda v: v[0] if len(v) == 1 else op.Concat(*v, axis=0)
+    tok, e_seq, w_seq = cat(toks), cat(es), cat(ws)
+    onehot = op.Cast(op.Equal(op.Unsqueeze(e_seq, _ints([1])), _ints(range(e))), to=7)   # [k·T, E] int64
+    pos = op.Sub(op.ReduceSum(op.Mul(op.CumSum(onehot, op.Constant(value_int=0)), onehot), _ints([1]), keepdims=0),
+                 op.Constant(value_int=1))
+    keep = op.Less(pos, op.Gather(_ints(caps), e_seq, axis=0))
+    slot = op.Where(keep, op.Add(op.Gather(_ints(base), e_seq, axis=0), pos), op.Constant(value_int=total))
+    slot_token = op.ScatterElements(_ints([t] * (total + 1)), slot, tok, axis=0)
+    slot_weight = op.ScatterElements(op.Constant(value_floats=[0.0] * (total + 1)), slot, w_seq, axis=0)
+    slot_token = op.Slice(slot_token, _ints([0]), _ints([total]), _ints([0]))
+    slot_weight = op.Slice(slot_weight, _ints([0]), _ints([total]), _ints([0]))
+    xp = op.Concat(x, op.Expand(op.CastLike(op.Constant(value_float=0.0), x), _ints([1, d])), axis=0)
+    xs = op.Gather(xp, slot_token, axis=0)                                          # [S, D]
+    ys = []
+    for cap, members, start in groups:
+        n = len(members)
+        xg = op.Reshape(op.Slice(xs, _ints([start]), _ints([start + n * cap]), _ints([0])), _ints([n, cap, d]))
+        wi = w_in if n == e else op.Gather(w_in, _ints(members), axis=0)
+        wo = w_out if n == e else op.Gather(w_out, _ints(members), axis=0)
+        h = op.MatMul(xg, op.Transpose(wi, perm=[0, 2, 1]))
+        if gated:
+            g, u = op.Split(h, axis=-1, num_outputs=2)
+            h = op.Mul(_moe_act(g, activation), u)
+        else:
+            h = _moe_act(h, activation)
+        ys.append(op.Reshape(op.MatMul(h, op.Transpose(wo, perm=[0, 2, 1])), _ints([n * cap, d])))
+    y = ys[0] if len(ys) == 1 else op.Concat(*ys, axis=0)
+    y = op.Mul(y, op.Unsqueeze(op.CastLike(slot_weight, y), _ints([1])))
+    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), _ints([t + 1, d]))
+    out = op.ScatterND(zeros, op.Unsqueeze(slot_token, _ints([1])), y, reduction="add")
+    return op.Slice(out, _ints([0]), _ints([t]), _ints([0]))
+
+
+TRANSLATIONS[torch.ops.fxopt.moe.default] = moe_onnx

@@ -7,7 +7,8 @@ producer's output channels accordingly) changes which columns share a group, and
 magnitude the mask keeps.  :func:`search_permutation` looks for a column permutation that keeps
 more.
 
-Algorithm (greedy channel swaps between groups, plus escapes):
+Algorithm (greedy channel swaps between groups plus escapes for small matrices, assignment moves
+for large ones):
 
 * For a group with one column removed, let ``S`` be the per-row sum of the top-``N`` of the
   ``M-1`` remaining values and ``t`` the ``N``-th largest of them.  Putting a new value ``x`` in the
@@ -23,9 +24,21 @@ Algorithm (greedy channel swaps between groups, plus escapes):
 * Escapes (iterated local search): perturb the best-known state by a few random swaps between
   random groups (a bounded regression), run greedy again, keep the result if it beats the best,
   otherwise undo back to the best.
-* Large matrices: the swap matrix is ``C x C``, so the groups are split into random "stripe
-  blocks" of at most ``block_groups`` groups; each block is solved independently (greedy +
-  escapes), and the blocks are re-drawn each round so that columns can travel between any groups.
+* Large matrices (more than ``block_groups`` groups), by default: **assignment moves** (an
+  ejection-chain neighbourhood, much larger than pairwise swaps).  Each round takes one random
+  position ``p_g`` out of every group ``g`` (of a random subset of at most ``assign_groups``
+  groups), which leaves ``k`` holes and ``k`` loose columns, and puts the loose columns back
+  optimally: the new kept magnitude is ``sum_g D[p_g, p_sigma(g)]`` for an assignment ``sigma``,
+  which is a linear assignment problem on the ``k x k`` matrix ``D`` (solved exactly by
+  ``scipy.optimize.linear_sum_assignment``).  The identity is one assignment, so a round never
+  loses; a pairwise swap is the special case of a 2-cycle, and one round can move every group at
+  once.  The ``k x k`` matrix costs one ``R k^2`` pass: with ``relu(a) = (a + |a|) / 2``,
+  ``sum_r relu(x[r,q] - t[r,p]) = (sum_r x[r,q] - sum_r t[r,p] + ||x_q - t_p||_1) / 2``, and the
+  L1 distances of all pairs are one ``torch.cdist(p=1)`` call.  When rounds stop gaining, an
+  escape restarts from the best state with a few random column swaps (bounded regression).
+* ``method="swaps"`` on large matrices: the groups are split into random "stripe blocks" of at
+  most ``block_groups`` groups; each block is solved independently (greedy + escapes), and the
+  blocks are re-drawn each round so that columns can travel between any groups.
 
 The result is always a valid permutation, never keeps less than the identity order, and is
 deterministic for a given seed when no ``time_budget`` is set (a wall-clock budget makes the
@@ -39,6 +52,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+try:                                  # the assignment search's solver; without SciPy, "auto" uses swaps
+    from scipy.optimize import linear_sum_assignment
+except ImportError:                   # pragma: no cover - SciPy is a dependency
+    linear_sum_assignment = None
 
 __all__ = ["kept_magnitude", "unstructured_bound", "search_permutation", "apply_permutation"]
 
@@ -85,6 +103,134 @@ def apply_permutation(w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# Group statistics (shared by both searches)
+# --------------------------------------------------------------------------------------------------
+
+def _group_stats(v: np.ndarray, n: int, m: int):
+    """For ``v [R, g*M]`` (``g`` whole groups): ``S [R, g, M]``, the top-``n`` sum of the group
+    with position ``p`` removed; ``T [R, g, M]``, the ``n``-th largest of the remaining values
+    (a new value ``x`` in the freed slot keeps ``S + relu(x - T)``); ``K [g]`` (float64), the
+    kept magnitude of each group."""
+    R = v.shape[0]
+    if v.size < (1 << 16):
+        # small (the swap search's per-step updates): NumPy, whose per-call overhead is lower
+        v = v.reshape(R, -1, m)
+        idx = np.argsort(-v, axis=-1, kind="stable")
+        sv = np.take_along_axis(v, idx, -1)
+        rank = np.empty_like(idx)
+        np.put_along_axis(rank, idx, np.broadcast_to(np.arange(m), idx.shape), -1)
+        topn = sv[..., :n].sum(-1, keepdims=True)                                # [R, g, 1]
+        in_top = rank < n
+        S = np.where(in_top, topn + sv[..., n:n + 1] - v, topn)
+        T = np.where(in_top, sv[..., n:n + 1], sv[..., n - 1:n])
+        return S, T, topn.sum(0, dtype=np.float64).reshape(-1)
+    # large (a whole matrix per assignment round): torch's sort is faster
+    t = torch.from_numpy(np.ascontiguousarray(v)).reshape(R, -1, m)
+    sv, idx = torch.sort(t, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(idx)
+    rank.scatter_(-1, idx, torch.arange(m).expand_as(idx))
+    topn = sv[..., :n].sum(-1, keepdim=True)                                     # [R, g, 1]
+    in_top = rank < n
+    S = torch.where(in_top, topn + sv[..., n:n + 1] - t, topn)
+    T = torch.where(in_top, sv[..., n:n + 1], sv[..., n - 1:n])
+    return S.numpy(), T.numpy(), topn.sum(0, dtype=torch.float64).reshape(-1).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Assignment moves: one column out of every group, all put back optimally (large matrices)
+# --------------------------------------------------------------------------------------------------
+
+def _replacement_matrix(S: np.ndarray, T: np.ndarray, x: np.ndarray, gs: np.ndarray, slot: np.ndarray,
+                        pos: np.ndarray) -> np.ndarray:
+    """``D [k, k]``: kept magnitude of group ``gs[i]`` with its position ``slot[i]`` holding the
+    column now at ``pos[j]`` = ``sum_r S + sum_r relu(x - t)``, the relu sums from L1 distances."""
+    t = torch.from_numpy(np.ascontiguousarray(T[:, gs, slot].T))                 # [k, R]
+    xq = torch.from_numpy(np.ascontiguousarray(x[:, pos].T))                     # [k, R]
+    l1 = torch.cdist(t[None], xq[None], p=1.0)[0]                                # [k, k]
+    d = (l1 + xq.sum(1)[None, :] - t.sum(1)[:, None]) * 0.5
+    return d.numpy().astype(np.float64) + S[:, gs, slot].sum(0, dtype=np.float64)[:, None]
+
+
+def _assignment_search(w_abs: torch.Tensor, n: int, m: int, rounds: int, max_iters: int, deadline: float,
+                       gen: torch.Generator, assign_groups: int, patience: int, escapes: int, kick_size: int):
+    """Assignment-move rounds on ``w_abs [R, C]``; returns (order, moves, rounds done, escapes).
+
+    Every round recomputes the group statistics once, splits the groups at random into chunks of
+    at most ``assign_groups``, and in each chunk solves the assignment of the loose columns to the
+    holes.  A chunk's move is applied when its predicted gain is positive; the exact kept total
+    (float64) is checked at the next round and a round that lost (float32 rounding in ``D``) is
+    undone.  Stops after ``rounds`` rounds, before a round that would end past the deadline (judged
+    by the last round's time) or after ``max_iters`` moved columns.  After ``patience`` rounds in a
+    row without gain the search has stalled: it escapes (at most ``escapes`` times) by restarting
+    from the best state with ``kick_size`` random column pairs swapped -- a bounded regression
+    that the next rounds usually more than repair; the best state seen is returned."""
+    x = w_abs.numpy().astype(np.float32, copy=True)
+    R, C = x.shape
+    G = C // m
+    order = np.arange(C)
+    S, T, K = _group_stats(x, n, m)
+    best = cur = float(K.sum())
+    best_x, best_order = x.copy(), order.copy()
+    eps = 1e-6 * max(1.0, best) / max(1, G)
+    k = max(2, min(G, int(assign_groups)))
+    moves = done = idle = 0
+    last = 0.0                                   # seconds the last round took
+    kicks = 0
+    while done < rounds and moves < max_iters and time.perf_counter() + last < deadline:
+        if idle >= patience:
+            # stalled in a local optimum: escape from the best state by a bounded random kick
+            # (``kick_size`` random columns swapped across groups), unless escapes are used up
+            if kicks >= escapes:
+                break
+            kicks += 1
+            x, order = best_x.copy(), best_order.copy()
+            a = torch.randperm(C, generator=gen)[:2 * kick_size].numpy()
+            x[:, a] = x[:, a[::-1]]
+            order[a] = order[a[::-1]]
+            S, T, K = _group_stats(x, n, m)
+            cur, idle = float(K.sum()), 0
+        t_round = time.perf_counter()
+        done += 1
+        gperm = torch.randperm(G, generator=gen).numpy()
+        slots = torch.randint(m, (G,), generator=gen).numpy()
+        nchunks = math.ceil(G / k)
+        new_x, new_order = x.copy(), order.copy()
+        predicted = 0.0
+        for ci in range(nchunks):
+            gs = gperm[ci::nchunks]                       # nearly equal chunks
+            if len(gs) < 2:
+                continue
+            slot = slots[gs]
+            pos = gs * m + slot
+            D = _replacement_matrix(S, T, x, gs, slot, pos)
+            rows, cols = linear_sum_assignment(D, maximize=True)
+            gain = float(D[rows, cols].sum() - np.trace(D))
+            if gain > eps:
+                changed = rows != cols
+                dst, src = pos[rows[changed]], pos[cols[changed]]
+                new_x[:, dst] = x[:, src]
+                new_order[dst] = order[src]
+                moves += int(changed.sum())
+                predicted += gain
+            if time.perf_counter() > deadline:
+                break
+        last = time.perf_counter() - t_round
+        if predicted <= eps:
+            idle += 1
+            continue
+        S2, T2, K2 = _group_stats(new_x, n, m)
+        tot = float(K2.sum())
+        if tot > cur + eps:
+            x, order, S, T, cur = new_x, new_order, S2, T2, tot
+            idle = 0
+            if tot > best + eps:
+                best, best_x, best_order = tot, x, order
+        else:
+            idle += 1
+    return torch.from_numpy(best_order), moves, done, kicks
+
+
+# --------------------------------------------------------------------------------------------------
 # Block solver: greedy swaps + escapes on a set of groups
 # --------------------------------------------------------------------------------------------------
 
@@ -113,18 +259,10 @@ class _Block:
         self.gain[self.same] = -np.inf
 
     def _stats(self, groups) -> None:
-        n, m = self.n, self.m
+        m = self.m
         pos = (groups[:, None] * m + np.arange(m)[None, :]).reshape(-1)        # [g*M]
-        v = self.x[:, pos].reshape(self.R, -1, m)                                # [R, g, M]
-        idx = np.argsort(-v, axis=-1, kind="stable")
-        sv = np.take_along_axis(v, idx, -1)
-        rank = np.empty_like(idx)
-        np.put_along_axis(rank, idx, np.broadcast_to(np.arange(m), idx.shape), -1)
-        topn = sv[..., :n].sum(-1, keepdims=True)                                # [R, g, 1]
-        in_top = rank < n
-        S = np.where(in_top, topn + sv[..., n:n + 1] - v, topn)
-        T = np.where(in_top, sv[..., n:n + 1], sv[..., n - 1:n])
-        self.K[groups] = topn.sum(0).reshape(-1)
+        S, T, K = _group_stats(self.x[:, pos], self.n, m)
+        self.K[groups] = K
         self.Ssum[pos] = S.sum(0).reshape(-1)
         self.T[:, pos] = T.reshape(self.R, -1)
 
@@ -278,7 +416,8 @@ def _solve_block(x: torch.Tensor, n: int, m: int, escapes: int, max_steps: int, 
 def search_permutation(w: torch.Tensor, n: int = 2, m: int = 4, *, time_budget: Optional[float] = None,
                        max_iters: int = 1_000_000, escapes: Optional[int] = None, seed: int = 0,
                        block_groups: int = 32, rounds: Optional[int] = None, kick: int = 4,
-                       accept: float = 0.0, batch: Optional[bool] = None):
+                       accept: float = 0.0, batch: Optional[bool] = None, method: str = "auto",
+                       assign_groups: int = 1024, patience: int = 5):
     """Search a permutation of the columns of ``w [out, in]`` that maximizes the magnitude kept by
     the N:M mask along the columns.
 
@@ -289,14 +428,28 @@ def search_permutation(w: torch.Tensor, n: int = 2, m: int = 4, *, time_budget: 
     attempts), ``rounds``.
 
     ``time_budget`` (seconds) bounds the search by wall clock (then results may vary with machine
-    speed); ``max_iters`` bounds the swaps; ``escapes`` is the number of escape attempts per block
-    solve (default 400 when the matrix is one block, 0 in stripe-block mode).  Matrices with more
-    than ``block_groups`` groups are solved in random stripe blocks of ``block_groups`` groups,
-    re-drawn for ``rounds`` rounds (default: 4 without a time budget, else until the budget runs
-    out).  ``kick``: escape perturbation size (1..kick random swaps); ``accept``: regression an
-    escape may accept; ``batch``: apply disjoint improving swaps together (default: rows >= 256).
+    speed); ``max_iters`` bounds the swaps (moved columns for ``"assignment"``); ``escapes`` is the
+    number of escape attempts per block solve (default 400 when the matrix is one block, 0 in
+    stripe-block mode; see below for ``"assignment"``).  Matrices with more than ``block_groups``
+    groups are searched by ``method``:
+
+    * ``"auto"`` (default): ``"swaps"`` when the matrix has at most ``block_groups`` groups, else
+      ``"assignment"``;
+    * ``"assignment"``: assignment-move rounds (see the module docstring) over random chunks of at
+      most ``assign_groups`` groups, for ``rounds`` rounds (default: 30 without a time budget,
+      else until the budget runs out); after ``patience`` rounds without gain an escape swaps
+      ``kick // 2`` random column pairs of the best state (``escapes``: at most that many escapes,
+      default unlimited); ``iterations`` counts the columns moved;
+    * ``"swaps"``: random stripe blocks of ``block_groups`` groups solved by greedy swaps (+
+      escapes), re-drawn for ``rounds`` rounds (default: 4 without a time budget, else until the
+      budget runs out).
+
+    ``kick``: escape perturbation size (1..kick random swaps); ``accept``: regression an escape
+    may accept; ``batch``: apply disjoint improving swaps together (default: rows >= 256).
     """
     t0 = time.perf_counter()
+    if method not in ("auto", "swaps", "assignment"):
+        raise ValueError(f"method must be 'auto', 'swaps' or 'assignment'; got {method!r}")
     w = torch.as_tensor(w)
     if w.dim() != 2:
         raise ValueError("expected a 2-D weight [out, in]")
@@ -311,7 +464,7 @@ def search_permutation(w: torch.Tensor, n: int = 2, m: int = 4, *, time_budget: 
     if batch is None:
         batch = R >= 256       # batched descent pays off when a swap update is expensive
     info = dict(n=n, m=m, shape=(R, C), total=total, kept_before=before, kept_after=before, bound=bound,
-                gap_closed=0.0, seconds=0.0, iterations=0, escapes=0, rounds=0)
+                gap_closed=0.0, seconds=0.0, iterations=0, escapes=0, rounds=0, method="none")
     if n == 0 or n == m or G < 2 or R == 0:
         info["seconds"] = time.perf_counter() - t0
         return ident, info
@@ -321,11 +474,23 @@ def search_permutation(w: torch.Tensor, n: int = 2, m: int = 4, *, time_budget: 
     perm = ident.clone()
     iters = esc = 0
     bg = max(2, int(block_groups))
+    if method == "auto":
+        method = "swaps" if G <= bg or linear_sum_assignment is None else "assignment"
+    if method == "assignment" and linear_sum_assignment is None:
+        raise ImportError("search_permutation(method='assignment') needs SciPy (pip install scipy)")
     if escapes is None:
         # one block: escapes are the main lever; stripe blocks: re-drawing the blocks (more
-        # rounds of greedy descent) closed more of the gap per second than escapes did
-        escapes = 400 if G <= bg else 0
-    if G <= bg:
+        # rounds of greedy descent) closed more of the gap per second than escapes did;
+        # assignment: an escape whenever the search stalls, as long as rounds / time remain
+        escapes = 10**9 if method == "assignment" else (400 if G <= bg else 0)
+    if method == "assignment":
+        if rounds is None:
+            rounds = 10**9 if time_budget is not None else 30
+        order, iters, nrounds, esc = _assignment_search(w_abs, n, m, rounds, max_iters, deadline, gen,
+                                                   assign_groups, max(1, int(patience)), escapes,
+                                                   max(1, int(kick) // 2))
+        perm = perm[order]
+    elif G <= bg:
         order, steps, done = _solve_block(w_abs, n, m, escapes, max_iters, deadline, gen, kick, accept, batch)
         perm = perm[order]
         iters, esc, nrounds = steps, done, 1
@@ -364,5 +529,5 @@ def search_permutation(w: torch.Tensor, n: int = 2, m: int = 4, *, time_budget: 
     if after < before:          # cannot happen (only improvements are kept), but guarantee it
         perm, after = ident, before
     info.update(kept_after=after, gap_closed=(after - before) / (bound - before) if bound > before else 0.0,
-                seconds=time.perf_counter() - t0, iterations=iters, escapes=esc, rounds=nrounds)
+                seconds=time.perf_counter() - t0, iterations=iters, escapes=esc, rounds=nrounds, method=method)
     return perm, info

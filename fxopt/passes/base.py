@@ -59,6 +59,7 @@ class PassContext:
 
     example_inputs: Any = None                     # fxopt.ir.ExampleInputs
     calibration: list | None = None                # list of ExampleInputs
+    calibration_mode: str = "batch"                # or "layerwise" (see fxopt.passes.calibration.observe)
     reference_outputs: list[torch.Tensor] | None = None
     applied: list[str] = field(default_factory=list)   # pipeline text of passes run so far
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared along a pipeline

@@ -16,14 +16,16 @@ input named. Statistics land in ``node.meta["fxopt_calib"]`` (:data:`fxopt.ir.me
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
 import torch.fx
-import torch.fx._pytree as fx_pytree
 
-from ..ir.graph import ExampleInputs
-from ..ir.meta import CALIB_STATS, ObserverStats, describe
+from ..ir.graph import ExampleInputs, flat_inputs
+from ..ir.graph import get_attr
+from ..ir.meta import CALIB_STATS, ObserverStats, describe, module_path
+from ..ir.offload import OffloadInterpreter, offload_map
 from .base import PreconditionError
 
 
@@ -42,20 +44,9 @@ def check_batches(batches: list[ExampleInputs] | None, who: str) -> list[Example
     return batches
 
 
-def flat_inputs(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> list:
-    """Inputs in placeholder order (exported modules take a pytree spec)."""
-    spec = getattr(gm, "_in_spec", None)
-    if spec is not None:
-        return list(fx_pytree.tree_flatten_spec((inputs.args, inputs.kwargs), spec))
-    if inputs.kwargs:
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        return [*inputs.args, *[inputs.kwargs[n] for n in names[len(inputs.args):]]]
-    return list(inputs.args)
-
-
-class _Watcher(torch.fx.Interpreter):
+class _Watcher(OffloadInterpreter):
     def __init__(self, gm, watch: dict[torch.fx.Node, "_Acc"]):
-        super().__init__(gm, garbage_collect_values=True)
+        super().__init__(gm)
         self.watch = watch
 
     def run_node(self, n):
@@ -111,29 +102,41 @@ class _Acc:
 
 def observe(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs], nodes: Iterable[torch.fx.Node], *,
             sample_rows: int = 0, sample_values: int = 0, progress: bool | None = None, desc: str = "calibrating",
-            seed: int = 0) -> dict[torch.fx.Node, ObserverStats]:
-    """Run ``gm`` on every batch and return (and store in meta) the statistics of ``nodes``."""
+            seed: int = 0, layerwise: bool = False, report: dict | None = None) -> dict[torch.fx.Node, ObserverStats]:
+    """Run ``gm`` on every batch and return (and store in meta) the statistics of ``nodes``.
+
+    ``layerwise=False`` runs one batch at a time through the whole graph. ``layerwise=True`` runs
+    the graph one *layer* at a time (layers are the module paths up to their first index, e.g.
+    ``model.layers.3``): every batch goes through a layer before the next layer starts, the
+    layer's weights are fetched once for all batches and released after it, and only the values
+    crossing the layer boundary are kept, for every batch. With weights offloaded to disk
+    (:mod:`fxopt.ir.offload`) resident weight memory stays near one layer. Both modes give the same
+    statistics (each watched node samples with its own seeded generator). ``report``, if given,
+    receives the mode, the number of segments, weight loads and peak bytes.
+    """
     from tqdm.auto import tqdm
 
     batches = list(batches)
-    gen = torch.Generator().manual_seed(seed)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = sorted(set(nodes), key=lambda n: order.get(n, -1))      # graph order: the sampling is reproducible
-    watch = {n: _Acc(sample_rows, sample_values // max(len(batches), 1) if sample_values else 0, gen) for n in nodes}
+    per_batch_values = sample_values // max(len(batches), 1) if sample_values else 0
+    watch = {n: _Acc(sample_rows, per_batch_values, torch.Generator().manual_seed(seed * 1_000_003 + order[n]))
+             for n in nodes}
     if not watch:
         return {}
-    interp = _Watcher(gm, watch)
     show = progress if progress is not None else len(batches) > 4
     with torch.no_grad():
-        for i, b in enumerate(tqdm(batches, desc=desc, disable=not show, leave=False)):
-            try:
-                interp.run(*flat_inputs(gm, b))
-            except AssertionError as e:
-                if "Guard failed" not in str(e):
-                    raise
-                raise PreconditionError(
-                    f"calibration batch {i} ({b}) does not fit the captured graph's shapes ({str(e).splitlines()[0]}); "
-                    "capture with dynamic=True, or give calibration batches of the example inputs' shape") from e
+        if layerwise:
+            info = _run_layerwise(gm, batches, watch, show, desc)
+        else:
+            interp = _Watcher(gm, watch)
+            for i, b in enumerate(tqdm(batches, desc=desc, disable=not show, leave=False)):
+                with _guard_errors(i, b):
+                    interp.run(*flat_inputs(gm, b))
+            om = offload_map(gm)
+            info = {"mode": "batch", "weight_loads": len(batches) * len(om.files) if om else 0}
+    if report is not None:
+        report.update(info)
     out = {}
     for n, acc in watch.items():
         if acc.cmin is None:
@@ -142,6 +145,98 @@ def observe(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs], nodes: I
         CALIB_STATS.set(n, st)
         out[n] = st
     return out
+
+
+@contextlib.contextmanager
+def _guard_errors(i, b):
+    try:
+        yield
+    except AssertionError as e:
+        if "Guard failed" not in str(e):
+            raise
+        raise PreconditionError(
+            f"calibration batch {i} ({b}) does not fit the captured graph's shapes ({str(e).splitlines()[0]}); "
+            "capture with dynamic=True, or give calibration batches of the example inputs' shape") from e
+
+
+def layer_key(n: torch.fx.Node) -> str:
+    """The layer a node belongs to: its module path up to the first numeric part (``model.layers.3``)."""
+    parts = module_path(n).split(".") if module_path(n) else []
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0] if parts else ""
+
+
+def _tensor_bytes(values) -> int:
+    seen, total = set(), 0
+    for v in values:
+        if isinstance(v, torch.Tensor) and not v.is_meta:
+            key = (v.untyped_storage().data_ptr(), v.storage_offset())
+            if key not in seen:
+                seen.add(key)
+                total += v.numel() * v.element_size()
+    return total
+
+
+def _run_layerwise(gm: torch.fx.GraphModule, batches: list[ExampleInputs], watch: dict, show: bool, desc: str) -> dict:
+    from tqdm.auto import tqdm
+
+    nodes = list(gm.graph.nodes)
+    idx = {n: i for i, n in enumerate(nodes)}
+    last_use: dict[torch.fx.Node, int] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            last_use[a] = idx[n]
+    envs: list[dict] = [{} for _ in batches]
+    flats = [flat_inputs(gm, b) for b in batches]
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    weights: dict[str, torch.Tensor] = {}
+    om = offload_map(gm)
+    segment, segments, loads = None, 0, 0
+    peak_w = peak_act = 0
+    n_ph = 0
+    keys = [layer_key(n) if n.op not in ("placeholder", "get_attr", "output") else None for n in nodes]
+    total = sum(1 for k in keys if k is not None)
+    bar = tqdm(total=total, desc=f"{desc} (layer-wise)", disable=not show, leave=False)
+    for i, n in enumerate(nodes):
+        if n.op == "get_attr":
+            continue
+        if n.op == "placeholder":
+            for env, flat in zip(envs, flats):
+                env[n] = flat[n_ph]
+            n_ph += 1
+            continue
+        if n.op == "output":
+            break
+        if keys[i] != segment:
+            peak_act = max(peak_act, sum(_tensor_bytes(e.values()) for e in envs))
+            weights.clear()                          # the previous layer's weights go
+            segment, segments = keys[i], segments + 1
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a.target not in weights:
+                weights[a.target] = get_attr(gm, a.target)
+                loads += 1 if om is not None and a.target in om.files else 0
+        peak_w = max(peak_w, _tensor_bytes(weights.values()))
+        acc = watch.get(n)
+        for b, env in enumerate(envs):
+            for a in n.all_input_nodes:
+                if a.op == "get_attr":
+                    env[a] = weights[a.target]
+            interp.env = env
+            with _guard_errors(b, batches[b]):
+                out = interp.run_node(n)
+            env[n] = out
+            if acc is not None:
+                acc.update(n, out)
+        for a in n.all_input_nodes:
+            if last_use.get(a) == i:
+                for env in envs:
+                    env.pop(a, None)
+        bar.update(1)
+    bar.close()
+    return {"mode": "layerwise", "segments": segments, "weight_loads": loads,
+            "peak_weight_bytes": peak_w, "peak_activation_bytes": peak_act}
 
 
 def tensor_range(stats: ObserverStats, method: str = "minmax", percentile: float = 99.99) -> tuple[float, float]:

@@ -132,6 +132,30 @@ class FuseQDQ(Pass):
             QLINEAR.set(marked, QuantizedLinear(scheme, weight_name, path, act, group))
             n.replace_all_uses_with(out)
             g.erase_node(n)
+        # 5. int4 embedding tables: embedding(DQ(q4, s, axis=1, block)) → gather_nbits (GatherBlockQuantized)
+        stats["int4_embeddings"] = 0
+        for n in list(g.nodes):
+            if not (_is(n, aten.embedding.default) and _is(n.args[0], qops.DEQUANTIZE)):
+                continue
+            dq = n.args[0]
+            if not (all(_const(a) for a in dq.args[:3]) and dq.args[3] == 1 and dq.args[4] > 0):
+                continue
+            wq, s_w, z_w = (get_attr(gm, a.target) for a in dq.args[:3])
+            if wq.dtype != torch.int8 or wq.dim() != 2 or bool((z_w != 0).any()) or \
+                    int(wq.min()) < -8 or int(wq.max()) > 7 or wq.shape[1] % 2:
+                continue
+            block = dq.args[4]
+            path = module_path(n)
+            packed = add_constant(gm, f"{dq.args[0].target}_nbits", qops.pack_rows_nbits(wq), before=n)
+            scales = add_constant(gm, f"{dq.args[0].target}_nbits_scale", s_w.to(torch.float32).contiguous(), before=n)
+            with g.inserting_before(n):
+                out = g.call_function(qops.GATHER_NBITS, (packed, n.args[1], scales, wq.shape[1], block))
+            out.meta["val"] = n.meta.get("val")
+            PROVENANCE.set(out, self.name)
+            SOURCE_PATH.set(out, path)
+            n.replace_all_uses_with(out)
+            g.erase_node(n)
+            stats["int4_embeddings"] += 1
         changed = any(stats.values())
         if changed:
             g.eliminate_dead_code()

@@ -24,7 +24,10 @@ integer kernels. Schemes:
 Embedding tables (``embeddings=true``, the default) are stored int8 per row: the rows a lookup
 gathers are dequantized with their gathered scales, ``E[ids] ≈ q[ids] · s[ids]`` — in MiniLM the
 word embeddings are over half the file. A table tied to a linear (LM head) is left in float with
-a note (its float copy must stay for the embedding lookup).
+a note (its float copy must stay for the embedding lookup). With ``scheme=w4-weight-only`` (or
+``embedding_bits=4``) tables are int4 in blocks of ``group`` columns instead, ``s = max|E_block| / 7``:
+``fuse-qdq`` packs them two values a byte and ONNX Runtime gathers them with
+``GatherBlockQuantized`` — only the looked-up rows are ever dequantized.
 
 One activation quantizer serves all linears that read the same value (q, k and v share it).
 ``include`` / ``exclude`` select linears by module path (substring or glob). With
@@ -77,6 +80,8 @@ class InsertQDQ(Pass):
     max_error: float = 0.0
     outliers: float = 0.0
     embeddings: bool = True
+    embedding_bits: int = 0
+    attention: bool = False
     sample_rows: int = 512
 
     def __post_init__(self):
@@ -88,6 +93,8 @@ class InsertQDQ(Pass):
             raise ValueError("calib must be 'minmax' or 'percentile'")
         if self.scheme == "w4-weight-only" and self.group not in (16, 32, 64, 128, 256):
             raise ValueError("group must be 16, 32, 64, 128 or 256")
+        if self.embedding_bits not in (0, 4, 8):
+            raise ValueError("embedding_bits must be 8, 4, or 0 (4 with scheme=w4-weight-only, else 8)")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -123,11 +130,17 @@ class InsertQDQ(Pass):
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         sel, notes = self._selected(gm)
         inputs = list(dict.fromkeys(li.node.args[0] for li in sel))
-        stats = {}
+        attns = self._decompose_attention(gm, notes) if self.attention and self.quantizes_activations else []
+        if self.attention and not self.quantizes_activations:
+            notes.append(f"attention=true ignored: {self.scheme} quantizes no activations")
+        att_inputs = [x for a in attns for x in (a.q, a.kt, a.probs, a.v)]
+        stats, calib_report = {}, {}
         if self.scheme == "w8a8-static" or self.max_error > 0:
-            stats = observe(gm, ctx.calibration, inputs, sample_rows=self.sample_rows if self.max_error > 0 else 0,
+            stats = observe(gm, ctx.calibration, inputs + (att_inputs if self.scheme == "w8a8-static" else []),
+                            sample_rows=self.sample_rows if self.max_error > 0 else 0,
                             sample_values=1 << 20 if self.calib == "percentile" or self.outliers > 0 else 0,
-                            desc="insert-qdq calibration")
+                            desc="insert-qdq calibration", layerwise=ctx.calibration_mode == "layerwise",
+                            report=calib_report)
         per_token: set[torch.fx.Node] = set()
         if self.scheme == "w8a8-static" and self.outliers > 0:
             for x in inputs:
@@ -166,10 +179,18 @@ class InsertQDQ(Pass):
                 li.node.replace_input_with(x, self._dequantize_activation(gm, act_q[x], x, li))
             wq = self._fake_quant_weight(gm, li)
             li.node.replace_input_with(li.node.args[1], wq)
+        for a in attns:
+            for x, mm in ((a.q, a.scores), (a.kt, a.scores), (a.probs, a.out), (a.v, a.out)):
+                site = _Site(mm, a.path)
+                aq = self._quantize_activation(gm, x, stats.get(x), site, static=True)
+                mm.replace_input_with(x, self._dequantize_activation(gm, aq, x, site))
         n_emb = self._quantize_embeddings(gm, notes) if self.embeddings else 0
         gm.graph.lint()
         spec = self.scheme + ("" if not self.scheme == "w8a8-dynamic" else f" per-{self.granularity}")
-        return PassResult(gm, bool(sel) or n_emb > 0, stats={"quantized": len(sel), "embeddings": n_emb,
+        return PassResult(gm, bool(sel) or n_emb > 0 or bool(attns), stats={
+                                                            "quantized": len(sel), "embeddings": n_emb,
+                                                            "attention_matmuls": 2 * len(attns),
+                                                            "calibration": calib_report,
                                                             "scheme": spec, "kept_float": len(notes) - len(per_token),
                                                             "per_token_fallback": len(per_token),
                                                 **({"errors": errors} if errors else {})}, notes=notes)
@@ -279,29 +300,79 @@ class InsertQDQ(Pass):
                 continue
             if any(_match(path, p) for p in self.exclude):
                 continue
-            scale = (w.detach().to(torch.float32).abs().amax(1) / 127.0).clamp_min(1e-12)
             base = f"_qdq.{_safe(wnode.target)}"
-            s = add_constant(gm, base + "_scale", scale, before=n)
-            s2 = add_constant(gm, base + "_row_scale", scale.reshape(-1, 1).clone(), before=n)
-            z = add_constant(gm, base + "_zero_point", torch.zeros(w.shape[0], dtype=torch.int8), before=n)
-            g = gm.graph
-            with g.inserting_before(n):
-                q = g.call_function(qops.QUANTIZE, (wnode, s, z, 0, 0, -127, 127))
-                rows = g.call_function(torch.ops.aten.embedding.default, (q, *n.args[1:]), dict(n.kwargs))
-                srows = g.call_function(torch.ops.aten.embedding.default, (s2, n.args[1]))
-                f = g.call_function(torch.ops.aten._to_copy.default, (rows,), {"dtype": torch.float32})
-                out = g.call_function(torch.ops.aten.mul.Tensor, (f, srows))
-            val = n.meta.get("val")
-            for m, v in ((q, torch.empty(w.shape, dtype=torch.int8)), (rows, val.to(torch.int8) if val is not None else None),
-                         (srows, val[..., :1] if val is not None else None), (f, val), (out, val)):
-                m.meta["val"] = v
-                PROVENANCE.set(m, self.name)
-                SOURCE_PATH.set(m, path)
-            QSPEC.set(q, QuantSpec(torch.int8, -127, 127, "per_channel", axis=0))
+            bits = self.embedding_bits or (4 if self.scheme == "w4-weight-only" else 8)
+            if bits == 4 and w.shape[1] % self.group:
+                notes.append(f"{wnode.target}: {w.shape[1]} columns are not a multiple of group={self.group}, "
+                             "table stored int8 instead of int4")
+                bits = 8
+            if bits == 4:
+                out = self._embedding_int4(gm, n, wnode, w, base, path)
+            else:
+                out = self._embedding_int8(gm, n, wnode, w, base, path)
             n.replace_all_uses_with(out)
-            g.erase_node(n)
+            gm.graph.erase_node(n)
             done += 1
         return done
+
+    def _decompose_attention(self, gm, notes: list[str]) -> list:
+        from . import _attention
+        out = []
+        for n in list(gm.graph.nodes):
+            if not (n.op == "call_function" and n.target is _attention.SDPA):
+                continue
+            path = SOURCE_PATH.get(n) or _attention.module_path(n)
+            if self.include and not any(_match(path, p) for p in self.include):
+                continue
+            if any(_match(path, p) for p in self.exclude):
+                notes.append(f"{path}: attention excluded by pattern, kept in float")
+                continue
+            reason = _attention.why_not(n)
+            if reason:
+                notes.append(f"{path}: attention kept fused in float: {reason}")
+                continue
+            out.append(_attention.decompose(gm, n, self.name))
+        return out
+
+    def _embedding_int8(self, gm, n, wnode, w, base: str, path: str) -> torch.fx.Node:
+        scale = (w.detach().to(torch.float32).abs().amax(1) / 127.0).clamp_min(1e-12)
+        s = add_constant(gm, base + "_scale", scale, before=n)
+        s2 = add_constant(gm, base + "_row_scale", scale.reshape(-1, 1).clone(), before=n)
+        z = add_constant(gm, base + "_zero_point", torch.zeros(w.shape[0], dtype=torch.int8), before=n)
+        g = gm.graph
+        with g.inserting_before(n):
+            q = g.call_function(qops.QUANTIZE, (wnode, s, z, 0, 0, -127, 127))
+            rows = g.call_function(torch.ops.aten.embedding.default, (q, *n.args[1:]), dict(n.kwargs))
+            srows = g.call_function(torch.ops.aten.embedding.default, (s2, n.args[1]))
+            f = g.call_function(torch.ops.aten._to_copy.default, (rows,), {"dtype": torch.float32})
+            out = g.call_function(torch.ops.aten.mul.Tensor, (f, srows))
+        val = n.meta.get("val")
+        for m, v in ((q, torch.empty(w.shape, dtype=torch.int8)), (rows, val.to(torch.int8) if val is not None else None),
+                     (srows, val[..., :1] if val is not None else None), (f, val), (out, val)):
+            m.meta["val"] = v
+            PROVENANCE.set(m, self.name)
+            SOURCE_PATH.set(m, path)
+        QSPEC.set(q, QuantSpec(torch.int8, -127, 127, "per_channel", axis=0))
+        return out
+
+    def _embedding_int4(self, gm, n, wnode, w, base: str, path: str) -> torch.fx.Node:
+        v, d = w.shape
+        scale = (w.detach().to(torch.float32).reshape(v, d // self.group, self.group).abs().amax(-1) / 7.0
+                 ).clamp_min(1e-12)
+        s = add_constant(gm, base + "_scale", scale, before=n)
+        z = add_constant(gm, base + "_zero_point", torch.zeros_like(scale, dtype=torch.int8), before=n)
+        g = gm.graph
+        with g.inserting_before(n):
+            q = g.call_function(qops.QUANTIZE, (wnode, s, z, 1, self.group, -8, 7))
+            dq = g.call_function(qops.DEQUANTIZE, (q, s, z, 1, self.group))
+            out = g.call_function(torch.ops.aten.embedding.default, (dq, *n.args[1:]), dict(n.kwargs))
+        for m, val in ((q, torch.empty(w.shape, dtype=torch.int8)), (dq, torch.empty(w.shape, dtype=torch.float32)),
+                       (out, n.meta.get("val"))):
+            m.meta["val"] = val
+            PROVENANCE.set(m, self.name)
+            SOURCE_PATH.set(m, path)
+        QSPEC.set(q, QuantSpec(torch.int8, -8, 7, "per_group", axis=1, group_size=self.group))
+        return out
 
     def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st) -> float:
         w = get_attr(gm, li.weight).detach().to(torch.float32)
@@ -316,6 +387,14 @@ class InsertQDQ(Pass):
         else:
             xq = rows
         return fq.relative_error(xq @ wq.t(), exact)
+
+
+@dataclass
+class _Site:
+    """Where a quantized activation is consumed (a linear, or an attention matmul)."""
+
+    node: torch.fx.Node
+    path: str
 
 
 def _match(path: str, pattern: str) -> bool:

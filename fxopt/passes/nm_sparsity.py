@@ -38,6 +38,10 @@ from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
 
 MAX_M = 16
 
+DENSE_WEIGHTS = "nm-sparsity.dense_weights"
+"""``ctx.state`` key: ``{weight target: the weight before masking}`` (the old tensor itself, not a copy),
+kept along the pipeline so that ``nm-finetune`` can use the dense graph as its teacher."""
+
 DENSE_NOTE = ("masked weights stay dense float tensors (zeros stored): ONNX has no N:M sparse format and "
               "ONNX Runtime no N:M CPU kernel, so the exported file is neither smaller nor faster")
 
@@ -83,6 +87,7 @@ def _check_nm(n, m) -> None:
 @dataclass
 class NMSparsity(Pass):
     name: ClassVar[str] = "nm-sparsity"
+    run_after: ClassVar[tuple[str, ...]] = ("permute-channels",)   # permuting after masking would break the pattern
     exact: ClassVar[bool] = False
     summary: ClassVar[str] = "N:M structured sparsity (2:4) of linear weights by magnitude, along the input dim"
     n: int = 2
@@ -145,6 +150,7 @@ class NMSparsity(Pass):
             new = w.detach() * mask.to(w.dtype)                # a new tensor: never writes the old one
             if not torch.equal(new, w.detach()):
                 changed = True
+                ctx.state.setdefault(DENSE_WEIGHTS, {}).setdefault(li.weight, w.detach())   # nm-finetune's teacher
                 set_attr(gm, li.weight, new.contiguous())
             NM_MASK.set(li.node, NMMask(self.n, self.m, li.weight, kept_magnitude=kept, total_magnitude=total))
             kept_frac[li.path] = round(kept / total, 6) if total > 0 else 1.0

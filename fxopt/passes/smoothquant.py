@@ -20,7 +20,10 @@ Groups come from the graph (:mod:`fxopt.ir.structure`), never from module names:
    so ``up`` rows (and bias) ``← /s`` and ``down`` columns ``← ·s``. Found from channel coupling
    plus a check that the path from producer to consumer is linear in the producer.
 3. **V → O** (multi-head attention): attention is linear in V per channel, so V rows ``← /s``,
-   O columns ``← ·s``. Skipped, with a note, when KV heads are shared (GQA).
+   O columns ``← ·s``. With grouped-query attention (GQA: one KV head serves ``rep`` query
+   heads, O column ``(g, j)`` reads V channel ``(g // rep, j)``) ``s`` is tied across the query
+   heads of a group: ``max|X|`` and ``max|W|`` are taken over the ``rep`` columns that read one V
+   channel, one ``s`` per KV channel divides V's row and multiplies all ``rep`` O columns.
 
 A group is skipped with a note when it touches a shared (tied) tensor, when its norm has no
 affine weight, when it matches ``exclude``, or when calibration saw nothing for it.
@@ -68,6 +71,21 @@ class SmoothGroup:
     fold: list[tuple[str, int]]                # tensors divided by s along dim
     compensate: list[tuple[torch.fx.Node, torch.fx.Node]] = field(default_factory=list)  # (user, via)
     skip: str | None = None
+    tie: tuple[int, int, int] | None = None    # (kv_heads, rep, head_dim): GQA V→O, one s per KV channel
+
+    def tied(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-channel statistic of X reduced over the query heads sharing a KV head, expanded back."""
+        if self.tie is None:
+            return v
+        kv, rep, d = self.tie
+        return v.reshape(kv, rep, d).amax(1, keepdim=True).expand(kv, rep, d).reshape(-1)
+
+    def fold_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """``s`` as the folded tensors see it: per KV channel under GQA."""
+        if self.tie is None:
+            return s
+        kv, rep, d = self.tie
+        return s.reshape(kv, rep, d)[:, 0].reshape(-1)
 
     @property
     def name(self) -> str:
@@ -131,7 +149,8 @@ class SmoothQuant(Pass):
             pairs, self._vo_skipped = value_output_pairs(gm)
             for p in pairs:
                 fold = [(p.value.weight, 0)] + ([(p.value.bias, 0)] if p.value.bias else [])
-                out.append(SmoothGroup("v-o", p.value.path, p.output.node.args[0], [p.output], fold))
+                tie = (p.heads, p.rep, p.value.out_features // p.heads) if p.rep > 1 else None
+                out.append(SmoothGroup("v-o", p.value.path, p.output.node.args[0], [p.output], fold, tie=tie))
         for grp in out:
             if grp.skip:
                 continue
@@ -155,8 +174,10 @@ class SmoothQuant(Pass):
         groups = self.groups(gm)
         active = [g for g in groups if not g.skip]
         need_rows = self.alpha == "auto"
+        calib_report: dict = {}
         stats = observe(gm, ctx.calibration, list(dict.fromkeys(g.x_node for g in active)),
-                        sample_rows=self.sample_rows if need_rows else 0, desc="smoothquant calibration")
+                        sample_rows=self.sample_rows if need_rows else 0, desc="smoothquant calibration",
+                        layerwise=ctx.calibration_mode == "layerwise", report=calib_report)
         notes, per_group, applied = [], {}, 0
         for g in groups:
             if g.skip:
@@ -166,13 +187,13 @@ class SmoothQuant(Pass):
             if st is None or st.absmax_per_channel is None:
                 notes.append(f"skipped {g.name}: calibration saw no value for {describe(g.x_node)}")
                 continue
-            xmax = st.absmax_per_channel.to(torch.float32)
-            wmax = torch.stack([get_attr(gm, c.weight).detach().abs().amax(0).to(torch.float32)
-                                for c in g.consumers]).amax(0)
+            xmax = g.tied(st.absmax_per_channel.to(torch.float32))
+            wmax = g.tied(torch.stack([get_attr(gm, c.weight).detach().abs().amax(0).to(torch.float32)
+                                       for c in g.consumers]).amax(0))
             if xmax.shape != wmax.shape:
                 notes.append(f"skipped {g.name}: {xmax.numel()} activation channels vs {wmax.numel()} weight columns")
                 continue
-            alpha, err = self._alpha(g, xmax, wmax, st.extra.get("rows"), gm)
+            alpha, err = self._alpha(g, xmax, wmax, st.extra.get("rows"), gm, st)
             s = smoothing_scale(xmax, wmax, alpha)
             self._apply(gm, g, s)
             applied += 1
@@ -186,7 +207,7 @@ class SmoothQuant(Pass):
         notes += [f"V→O not smoothed: {r}" for r in self._vo_skipped]
         if not applied:
             notes.append("no group was smoothed")
-        return PassResult(gm, applied > 0, stats={"groups": per_group, "smoothed": applied,
+        return PassResult(gm, applied > 0, stats={"groups": per_group, "smoothed": applied, "calibration": calib_report,
                                                   "skipped": len(groups) - applied}, notes=notes)
 
     # ------------------------------------------------------------------ α
@@ -198,7 +219,16 @@ class SmoothQuant(Pass):
                 return float(val)
         return None
 
-    def _alpha(self, g, xmax, wmax, rows, gm) -> tuple[float, dict | None]:
+    def _alpha(self, g, xmax, wmax, rows, gm, st=None) -> tuple[float, dict | None]:
+        """α from an override, the fixed value, or the grid search.
+
+        The search simulates what ``insert-qdq`` will do: with ``search=static`` the activation
+        gets *one static range*, the calibrated per-channel extremes divided by ``s`` — the
+        range every token must share, attention-sink tokens included, even when the sampled rows
+        hold none of them — and the error is the mean over sampled tokens of the relative
+        output error (so a token with huge activations cannot hide that the others lost their
+        precision). With ``search=dynamic`` each sampled token gets its own scale and the error is
+        the total squared error relative to the output energy."""
         ov = self._override(g)
         if ov is not None:
             return ov, None
@@ -209,14 +239,24 @@ class SmoothQuant(Pass):
         weights = [get_attr(gm, c.weight).detach().to(torch.float32) for c in g.consumers]
         ref = [rows @ w.t() for w in weights]
         norm = sum(float((r * r).sum()) for r in ref) or 1.0
+        static = self.search == "static" and st is not None and st.min is not None
         best, best_err, errs = 0.5, float("inf"), {}
         for a in ALPHA_GRID:
             s = smoothing_scale(xmax, wmax, a)
-            xq = fq.act_per_token(rows / s) if self.search == "dynamic" else fq.act_dynamic_tensor(rows / s)
-            e = 0.0
-            for w, r in zip(weights, ref):
-                e += float(((xq @ fq.weight_per_channel(w * s).t() - r) ** 2).sum())
-            errs[a] = e / norm
+            if self.search == "dynamic":
+                xq = fq.act_per_token(rows / s)
+            elif static:
+                lo = float((st.min.to(torch.float32) / s).min())
+                hi = float((st.max.to(torch.float32) / s).max())
+                xq = fq.act_affine(rows / s, *fq.static_qparams(lo, hi, False))
+            else:
+                xq = fq.act_dynamic_tensor(rows / s)
+            if static:
+                e = sum(fq.relative_error(xq @ fq.weight_per_channel(w * s).t(), r) for w, r in zip(weights, ref))
+            else:
+                e = sum(float(((xq @ fq.weight_per_channel(w * s).t() - r) ** 2).sum()) for w, r in zip(weights, ref))
+                e /= norm
+            errs[a] = e
             if errs[a] < best_err:
                 best, best_err = a, errs[a]
         base = errs.get(0.5)
@@ -225,11 +265,12 @@ class SmoothQuant(Pass):
     # ------------------------------------------------------------------ rewrite
 
     def _apply(self, gm: torch.fx.GraphModule, g: SmoothGroup, s: torch.Tensor) -> None:
+        sf = g.fold_scale(s)
         for target, dim in g.fold:
             t = get_attr(gm, target)
             shape = [1] * t.dim()
             shape[dim] = -1
-            set_attr(gm, target, (t.detach() / s.to(t.dtype).reshape(shape)).contiguous())
+            set_attr(gm, target, (t.detach() / sf.to(t.dtype).reshape(shape)).contiguous())
         for c in g.consumers:
             w = get_attr(gm, c.weight)
             set_attr(gm, c.weight, (w.detach() * s.to(w.dtype)).contiguous())

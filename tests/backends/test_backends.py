@@ -17,7 +17,7 @@ def test_reference_runs_the_graph(exported):
     gm, _, lm = exported
     (out,) = ReferenceBackend(gm).run(lm.example_inputs)
     assert torch.equal(out, lm.model(*lm.example_inputs))
-    assert set(BACKENDS) == {"reference", "ort", "cpu-int8"}
+    assert set(BACKENDS) == {"reference", "ort", "cpu-int8", "sparse24"}
 
 
 def test_ort_options_and_optimized_graph(exported, tmp_path):

@@ -103,3 +103,40 @@ def test_minilm_w8a8_static_smoothquant_within_budget(minilm, tmp_path):
     cos_ort = torch.nn.functional.cosine_similarity(_pooled(ort_out, evals["attention_mask"]), ref)
     assert float(cos_ort.mean()) >= 0.99 and float(cos_ort.min()) >= 0.98
     assert OrtBackend(rep.path).optimized_op_types().get("MatMulIntegerToFloat", 0) >= 36
+
+
+def test_int4_embedding_tables_gather_packed_rows(tmp_path):
+    lm = models.hf_tiny("bert-tiny", layers=1)
+    pipe = "insert-qdq{scheme=w4-weight-only,group=32}"
+    sim = fxopt.optimize(lm.model, pipe, lm.example_inputs)                  # simulated: DQ(table) then lookup
+    fused = fxopt.optimize(sim.module, "fuse-qdq", lm.example_inputs)
+    assert fused.records[-1].stats["int4_embeddings"] == 3                   # word, position, token type
+    assert count(fused.module, qops.GATHER_NBITS) == 3 and count(fused.module, torch.ops.aten.embedding.default) == 0
+    # packing is lossless: the packed lookup equals the simulated one bit for bit
+    assert max_abs(outputs(fused.module, lm.example_inputs)[0], outputs(sim.module, lm.example_inputs)[0]) == 0.0
+    # the table is 4 bits a value (+ one fp32 scale per 32), not float
+    word = lm.model.embeddings.word_embeddings.weight
+    packed = [fxopt.ir.graph.get_attr(fused.module, n.args[0].target) for n in fused.module.graph.nodes
+              if n.op == "call_function" and n.target is qops.GATHER_NBITS]
+    assert any(p.dtype == torch.uint8 and p.numel() * 2 == word.numel() for p in packed)
+    # int4 quantization error of the table itself stays within the grid: |E − Ê| ≤ s/2 per block
+    emb_ids = lm.example_inputs["input_ids"]
+    rows = word[emb_ids].detach()
+    s = (word.detach().reshape(word.shape[0], -1, 32).abs().amax(-1) / 7.0)[emb_ids].repeat_interleave(32, -1)
+    got = qops.gather_nbits(packed[0], emb_ids, fxopt.ir.graph.get_attr(
+        fused.module, [n for n in fused.module.graph.nodes if n.op == "call_function"
+                       and n.target is qops.GATHER_NBITS][0].args[2].target), word.shape[1], 32)
+    assert bool(((got - rows).abs() <= s / 2 + 1e-6).all())
+    rep = fused.export_onnx(tmp_path / "e4.onnx")
+    assert rep.verified
+    ops = OrtBackend(rep.path).optimized_op_types()
+    assert ops.get("GatherBlockQuantized", 0) == 3 and ops.get("MatMulNBits", 0) >= 6, ops
+
+
+def test_embedding_bits_option():
+    lm = models.hf_tiny("bert-tiny", layers=1)
+    res = fxopt.optimize(lm.model, "insert-qdq{scheme=w4-weight-only,group=32,embedding_bits=8},fuse-qdq",
+                         lm.example_inputs)
+    assert res.records[-1].stats["int4_embeddings"] == 0 and count(res.module, qops.GATHER_NBITS) == 0
+    with pytest.raises(fxopt.passes.base.PassError, match="embedding_bits must be 8, 4"):
+        fxopt.passes.pipeline.resolve("insert-qdq{embedding_bits=3}")

@@ -3,7 +3,7 @@ import torch
 
 import fxopt
 from fxopt import models
-from fxopt.ir import qops
+from fxopt.ir import capture, qops
 from fxopt.passes.insert_qdq import InsertQDQ
 from tests.helpers import count, max_abs, outputs
 
@@ -170,3 +170,69 @@ def test_outlier_inputs_fall_back_to_per_token():
     ref = m(x)
     err = lambda out: float(((out - ref)[1:] ** 2).sum() / (ref[1:] ** 2).sum())   # noqa: E731
     assert err(res.module(x)) < 0.01 < err(plain.module(x))
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt2-tiny", "llama-tiny"])
+def test_attention_decomposition_is_exact_in_float(name):
+    from fxopt.passes import _attention
+    lm = models.hf_tiny(name, layers=2)
+    gm = capture(lm.model, lm.example_inputs)
+    ref = outputs(gm, lm.example_inputs)
+    sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _attention.SDPA]
+    assert len(sdpa) == 2
+    for n in sdpa:
+        assert _attention.why_not(n) is None
+        _attention.decompose(gm, n, "test")
+    gm.graph.lint()
+    gm.recompile()
+    assert count(gm, _attention.SDPA) == 0 and count(gm, torch.ops.aten._softmax.default) == 2
+    got = outputs(gm, lm.example_inputs)
+    assert max_abs(got[0], ref[0]) <= 1e-5 * max(1.0, float(ref[0].abs().max()))
+
+
+@pytest.mark.parametrize("scheme, fused", [("w8a8-static", {"QLinearMatMul", "MatMulIntegerToFloat"}),
+                                           ("w8a8-dynamic,granularity=tensor", {"DynamicQuantizeMatMul"})])
+def test_attention_matmuls_run_as_integer_kernels_in_ort(scheme, fused, tmp_path):
+    from fxopt.backends import OrtBackend
+    lm = models.hf_tiny("bert-tiny", layers=2)
+    plain = fxopt.optimize(lm.model, f"insert-qdq{{scheme={scheme}}},fuse-qdq", lm.example_inputs,
+                           calibration=[lm.example_inputs])
+    att = fxopt.optimize(lm.model, f"insert-qdq{{scheme={scheme},attention=true}},fuse-qdq", lm.example_inputs,
+                         calibration=[lm.example_inputs])
+    assert att.records[1].stats["attention_matmuls"] == 4
+    ops_plain = OrtBackend(plain.export_onnx(tmp_path / "p.onnx").path).optimized_op_types()
+    rep = att.export_onnx(tmp_path / "a.onnx")
+    assert rep.verified and rep.min_cos > 0.999                  # ORT computes what the fxopt graph says
+    ops = OrtBackend(rep.path).optimized_op_types()
+    assert sum(ops.get(k, 0) for k in fused) - sum(ops_plain.get(k, 0) for k in fused) == 4, (ops, ops_plain)
+    # quantized attention stays close to the float-attention quantized model (error budget: 5 % of the output scale)
+    ref = outputs(plain.module, lm.example_inputs)[0]
+    got = outputs(att.module, lm.example_inputs)[0]
+    assert max_abs(got, ref) < 0.05 * float(ref.abs().max())
+
+
+def test_attention_option_is_ignored_for_weight_only():
+    lm = models.hf_tiny("bert-tiny", layers=1)
+    res = fxopt.optimize(lm.model, "insert-qdq{scheme=w8-weight-only,attention=true}", lm.example_inputs)
+    assert any("attention=true ignored" in n for n in res.records[-1].notes)
+    assert res.records[-1].stats["attention_matmuls"] == 0
+
+
+def test_attention_decomposition_keeps_fully_masked_rows_zero():
+    from fxopt.passes import _attention
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    q, k, v = (torch.randn(2, 3, 4, 8) for _ in range(3))
+    m = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    m[0, 0, 1] = False                                    # query 1 of batch 0 sees no key
+    m[1, 0, 2, :2] = False
+    gm = capture(M(), (q, k, v, m))
+    for n in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _attention.SDPA]:
+        _attention.decompose(gm, n, "test")
+    gm.recompile()
+    ref = M()(q, k, v, m)
+    got = outputs(gm, (q, k, v, m))[0]
+    assert bool(torch.isfinite(got).all()) and bool((got[0, :, 1] == 0).all())
+    assert max_abs(got, ref) < 1e-5

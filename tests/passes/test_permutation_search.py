@@ -136,3 +136,72 @@ def test_trivial_cases_return_identity():
         assert info["gap_closed"] == 0.0
     perm, _ = search_permutation(torch.randn(4, 4), 2, 4)     # a single group
     assert torch.equal(perm, torch.arange(4))
+
+
+# ------------------------------------------------------------------ assignment moves (large matrices)
+
+def test_replacement_matrix_matches_direct_evaluation():
+    """D[i, j] (group gs[i] with its slot holding column pos[j]) equals the kept magnitude computed
+    directly on the modified group, so the L1-distance form of sum relu(x - t) is right."""
+    import numpy as np
+
+    from fxopt.passes._permutation_search import _group_stats, _replacement_matrix
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(7, 24, generator=g).numpy()
+    n, m = 2, 4
+    S, T, _ = _group_stats(x, n, m)
+    gs = np.array([0, 2, 3, 5])
+    slot = np.array([1, 0, 3, 2])
+    pos = gs * m + slot
+    D = _replacement_matrix(S, T, x, gs, slot, pos)
+    for i, (grp, sl) in enumerate(zip(gs, slot)):
+        for j, q in enumerate(pos):
+            cols = list(range(grp * m, grp * m + m))
+            cols[sl] = q
+            assert D[i, j] == pytest.approx(_kept_loops(torch.from_numpy(x), n, m, cols), rel=1e-5)
+
+
+def test_assignment_valid_not_worse_and_deterministic():
+    torch.manual_seed(2)
+    w = torch.randn(32, 512)                                  # 128 groups > block_groups: assignment
+    perm, info = search_permutation(w, 2, 4, seed=3, rounds=10)
+    assert info["method"] == "assignment"
+    assert sorted(perm.tolist()) == list(range(512))
+    assert info["kept_after"] > info["kept_before"]
+    assert info["kept_after"] == pytest.approx(kept_magnitude(w.abs()[:, perm], 2, 4), rel=1e-9)
+    p2, i2 = search_permutation(w, 2, 4, seed=3, rounds=10)
+    assert torch.equal(perm, p2) and i2["iterations"] == info["iterations"]
+
+
+def test_assignment_beats_stripe_swaps_on_medium_matrix():
+    """Same work budget in rounds: the assignment neighbourhood closes more of the gap than greedy
+    swaps on random 32-group stripe blocks (measured: 40.0 % vs 35.9 % on this matrix, ~0.2 s each)."""
+    torch.manual_seed(1)
+    w = torch.rand(128, 512)
+    _, a = search_permutation(w, 2, 4, method="assignment", rounds=40, seed=0)
+    _, s = search_permutation(w, 2, 4, method="swaps", rounds=4, seed=0)
+    assert a["gap_closed"] > s["gap_closed"] + 0.02, (a["gap_closed"], s["gap_closed"])
+    assert a["gap_closed"] > 0.38
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 8)])
+def test_assignment_other_patterns(n, m):
+    torch.manual_seed(4)
+    w = torch.randn(16, 64 * m)
+    perm, info = search_permutation(w, n, m, method="assignment", rounds=5)
+    assert sorted(perm.tolist()) == list(range(64 * m))
+    assert info["kept_after"] > info["kept_before"]
+    assert info["kept_after"] == pytest.approx(kept_magnitude(w.abs()[:, perm], n, m), rel=1e-9)
+
+
+def test_assignment_respects_time_budget():
+    torch.manual_seed(1)
+    w = torch.rand(256, 1024)
+    _, info = search_permutation(w, 2, 4, time_budget=0.5)
+    assert info["method"] == "assignment" and info["rounds"] >= 1
+    assert info["seconds"] < 0.5 + 0.3                        # rounds are planned not to end past the budget
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="method"):
+        search_permutation(torch.rand(4, 16), 2, 4, method="annealing")
