@@ -193,16 +193,7 @@ def bench_minilm(args) -> None:
           f"passages\n")
     print(f"calibration {len(calib_texts)} Hamlet passages ({len(calib)} batches of {args.batch}); evaluation "
           f"{args.eval} Paradise Lost + {args.eval} Sonnets passages; `{ft}`\n")
-    body = []
-    for r in rows.values():
-        if r.error:
-            body.append([r.key, "-", "-", "-", "-", "-", r.error])
-            continue
-        fts = r.finetune
-        loss = f"{fts['loss_before']:.3g} → {fts['loss_after']:.3g}" if fts else "-"
-        body.append([r.key, _f(r.metric["mean_cos"]), _f(r.metric["min_cos"]), _f(r.kept_total),
-                     loss, _f(r.seconds, ".1f"),
-                     ", ".join(f"{k} {v:.1f}" for k, v in r.pass_seconds.items()) or "-"])
+    body = _rows(rows, lambda r: [_f(r.metric["mean_cos"]), _f(r.metric["min_cos"])])
     print(table(["variant", "mean cos", "min cos", "kept magnitude", "ft loss (calib)", "optimize s", "pass s"], body,
                 args.markdown))
     print(f"\nMiniLM: magnitude kept per layer by the 2:4 mask, plain vs. after `permute-channels{{n=2,m=4}}`\n")
@@ -210,6 +201,20 @@ def bench_minilm(args) -> None:
 
 
 # --------------------------------------------------------------------------- SmolLM2
+
+
+def _rows(rows: dict, metric) -> list[list[str]]:
+    """Table rows: variant, the metric cells, kept magnitude, finetune loss, seconds."""
+    body = []
+    for r in rows.values():
+        if r.error:
+            body.append([r.key, "-", "-", "-", "-", "-", r.error])
+            continue
+        fts = r.finetune
+        loss = f"{fts['loss_before']:.3g} → {fts['loss_after']:.3g}" if fts else "-"
+        body.append([r.key, *metric(r), _f(r.kept_total), loss, _f(r.seconds, ".1f"),
+                     ", ".join(f"{k} {v:.1f}" for k, v in r.pass_seconds.items()) or "-"])
+    return body
 
 
 def _smol_group(path: str) -> str:
@@ -240,16 +245,7 @@ def bench_smollm2(args) -> None:
     print(f"\n### SmolLM2-135M-Instruct: perplexity on {args.lm_eval} × {args.window} tokens of Paradise Lost\n")
     print(f"fp32 eager perplexity {ppl_fp32:.3f} ({ntok} scored tokens); calibration {args.lm_calib} × {args.window} "
           f"tokens of Hamlet ({len(calib)} batches); `{ft}`\n")
-    body = []
-    for r in rows.values():
-        if r.error:
-            body.append([r.key, "-", "-", "-", "-", "-", r.error])
-            continue
-        fts = r.finetune
-        loss = f"{fts['loss_before']:.3g} → {fts['loss_after']:.3g}" if fts else "-"
-        ppl = r.metric["ppl"]
-        body.append([r.key, f"{ppl:.3f}", f"{100 * (ppl / ppl_fp32 - 1):+.1f} %", _f(r.kept_total), loss,
-                     _f(r.seconds, ".1f"), ", ".join(f"{k} {v:.1f}" for k, v in r.pass_seconds.items()) or "-"])
+    body = _rows(rows, lambda r: [f"{r.metric['ppl']:.3f}", f"{100 * (r.metric['ppl'] / ppl_fp32 - 1):+.1f} %"])
     print(table(["variant", "perplexity", "vs fp32", "kept magnitude", "ft loss (calib)", "optimize s", "pass s"], body,
                 args.markdown))
     print("\nSmolLM2: magnitude kept by the 2:4 mask per projection type (mean over the 30 layers), plain vs. "

@@ -436,18 +436,17 @@ def rewrite_to_op(gm: torch.fx.GraphModule, m: MoEMatch, *, capacity: list[float
     wi_node, wo_node = m.w_in, m.w_out
     anchor = m.op_node if m.op_node is not None else m.output
     new_in = new_out = None
+
+    def kept(target: str, value: torch.Tensor) -> tuple[torch.fx.Node, str]:
+        with gm.graph.inserting_before(anchor):
+            name = fresh_attr_name(gm, target.replace(".", "_") + "_kept")
+            set_attr(gm, name, value, as_parameter=True)
+            return gm.graph.get_attr(name), name
+
     if w_in is not None:
-        with gm.graph.inserting_before(anchor):
-            name = fresh_attr_name(gm, b.w_in.replace(".", "_") + "_kept")
-            set_attr(gm, name, w_in, as_parameter=True)
-            wi_node = gm.graph.get_attr(name)
-            new_in = name
+        wi_node, new_in = kept(b.w_in, w_in)
     if w_out is not None:
-        with gm.graph.inserting_before(anchor):
-            name = fresh_attr_name(gm, b.w_out.replace(".", "_") + "_kept")
-            set_attr(gm, name, w_out, as_parameter=True)
-            wo_node = gm.graph.get_attr(name)
-            new_out = name
+        wo_node, new_out = kept(b.w_out, w_out)
     args = (m.x, m.logits, wi_node, wo_node, b.top_k, b.norm_topk, b.gated, b.activation, capacity, routing,
             experts, b.name)
     new_block = replace(b, capacity=capacity, routing=routing, experts=experts,
