@@ -22,3 +22,24 @@ def fxopt_revision() -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def render_table(head: list[str], body: list[list[str]], markdown: bool, *, left_last: bool = False) -> str:
+    """A markdown or aligned-text table. A row shorter than ``head`` is ``[label, message]`` (an
+    error) and is printed as such; numbers are right-aligned, the first column (and the last, with
+    ``left_last``) left-aligned."""
+    full = [r for r in body if len(r) == len(head)]
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+        out += ["| " + " | ".join(r) + " |" if len(r) == len(head) else f"| {r[0]} | {r[1]} |" for r in body]
+        return "\n".join(out)
+    widths = [max([len(h)] + [len(r[i]) for r in full]) for i, h in enumerate(head)]
+    last = len(head) - 1 if left_last else len(head)
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if 0 < i < last else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [line(head), line(["-" * w for w in widths])]
+    for r in body:
+        out.append(line(r) if len(r) == len(head) else line(r[:1]) + "  " + r[1])
+    return "\n".join(out)

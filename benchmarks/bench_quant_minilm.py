@@ -64,7 +64,7 @@ from fxopt import models
 from fxopt.backends.ort import OrtBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log  # noqa: E402
+from _common import fxopt_revision, log, render_table  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
@@ -364,11 +364,7 @@ def main_table(engines: list[Engine], base: Engine, dyn: Engine | None, alt: dic
 
 
 def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
-    full = [r for r in body if len(r) == len(head)]
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
-        out += ["| " + " | ".join(r) + " |" if len(r) == len(head) else f"| {r[0]} | {r[1]} |" for r in body]
-        return "\n".join(out)
+    return render_table(head, body, markdown, left_last=False)
     widths = [max([len(h)] + [len(r[i]) for r in full]) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import fxopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log  # noqa: E402
+from _common import fxopt_revision, log, render_table  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -215,11 +215,7 @@ def compress_layers(paths: list[str]) -> str:
 
 
 def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
-    full = [r for r in body if len(r) == len(head)]
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
-        out += ["| " + " | ".join(r) + " |" if len(r) == len(head) else f"| {r[0]} | {r[1]} |" for r in body]
-        return "\n".join(out)
+    return render_table(head, body, markdown, left_last=True)
     widths = [max([len(h)] + [len(r[i]) for r in full]) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) if 0 < i < len(head) - 1 else c.ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths))).rstrip()

@@ -10,6 +10,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from .meta import op_name
+from .offload import is_offloaded, offload_map, run_offloaded
 
 
 def clone(module):
@@ -31,7 +32,6 @@ def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     for part in target.split("."):
         obj = getattr(obj, part)
     if isinstance(obj, torch.Tensor) and obj.is_meta:
-        from .offload import offload_map
         om = offload_map(gm)
         if om is not None and target in om.files:
             return om.load(target)
@@ -56,7 +56,6 @@ def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor, *, as_parame
     new file (copy on write) and the module holds a ``meta`` tensor for it.
     """
     if not _raw:
-        from .offload import offload_map
         om = offload_map(gm)
         if om is not None and isinstance(value, torch.Tensor) and not value.is_meta:
             if value.numel() * value.element_size() >= om.min_bytes:
@@ -102,8 +101,6 @@ def delete_unused_attrs(gm: torch.nn.Module) -> tuple[list[str], int]:
     """Delete every parameter/buffer no ``get_attr`` reads; returns (names, bytes freed).
 
     A tied tensor stays alive through the name still in use (its bytes are not counted)."""
-    from .offload import offload_map
-
     used = used_attr_targets(gm)
     om = offload_map(gm)
     names, freed = [], 0
@@ -122,7 +119,6 @@ def delete_unused_attrs(gm: torch.nn.Module) -> tuple[list[str], int]:
 def storage_key(gm, target: str) -> tuple:
     """Identity of the storage behind ``target``: two targets with the same key alias one tensor
     (for offloaded weights, the same file)."""
-    from .offload import offload_map
     return _storage_key(gm, target, offload_map(gm))
 
 
@@ -170,8 +166,6 @@ def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:
 
 def parameter_bytes(gm: torch.fx.GraphModule) -> int:
     """Bytes of every distinct tensor the graph reads through ``get_attr`` (tied weights counted once)."""
-    from .offload import offload_map
-
     om = offload_map(gm)
     seen: set[tuple] = set()
     total = 0
@@ -248,8 +242,6 @@ def flatten_tensors(out: Any) -> list[torch.Tensor]:
 
 def call(module: torch.nn.Module, inputs: "ExampleInputs") -> Any:
     """Run ``module`` on normalized example inputs under ``no_grad`` (offloaded graphs load weights as they go)."""
-    from .offload import is_offloaded, run_offloaded
-
     if isinstance(module, torch.fx.GraphModule) and is_offloaded(module):
         return run_offloaded(module, inputs)
     with torch.no_grad():

@@ -65,13 +65,6 @@ def _safe(target: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in target)[:120]
 
 
-def _walk(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def offload_map(gm) -> OffloadMap | None:
     return OFFLOAD.get(gm) if isinstance(getattr(gm, "meta", None), dict) else None
 
@@ -86,7 +79,7 @@ def offload_parameters(gm: torch.fx.GraphModule, directory: str | os.PathLike, *
 
     Returns the map (also stored in ``gm.meta``). Small tensors (norm weights, biases, scales)
     stay in memory: loading them one by one would cost more than it saves."""
-    from .graph import set_attr, used_attr_targets
+    from .graph import attr_meta, set_attr, used_attr_targets
 
     d = Path(directory)
     try:
@@ -98,7 +91,7 @@ def offload_parameters(gm: torch.fx.GraphModule, directory: str | os.PathLike, *
     om = offload_map(gm) or OffloadMap(str(d), min_bytes=min_bytes)
     by_storage: dict[tuple, str] = {}
     for target in sorted(used_attr_targets(gm)):
-        t = _walk(gm, target)
+        t = attr_meta(gm, target)
         if not isinstance(t, torch.Tensor) or t.is_meta or t.numel() * t.element_size() < min_bytes:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
@@ -109,7 +102,7 @@ def offload_parameters(gm: torch.fx.GraphModule, directory: str | os.PathLike, *
             by_storage[key] = target
     OFFLOAD.set(gm, om)
     for target in om.files:
-        t = _walk(gm, target)
+        t = attr_meta(gm, target)
         if isinstance(t, torch.Tensor) and not t.is_meta:
             set_attr(gm, target, torch.empty_like(t, device="meta"), _raw=True)
     return om

@@ -332,6 +332,9 @@ class InsertQDQ(Pass):
                 notes.append(f"{path}: attention kept fused in float: {reason}")
                 continue
             out.append(_attention.decompose(gm, n, self.name))
+        if not out and not any("attention" in m for m in notes):
+            notes.append("attention=true: the graph has no scaled_dot_product_attention (attention written as "
+                         "separate matmuls is not matched), nothing to quantize there")
         return out
 
     def _embedding_int8(self, gm, n, wnode, w, base: str, path: str) -> torch.fx.Node:

@@ -211,6 +211,14 @@ def test_attention_matmuls_run_as_integer_kernels_in_ort(scheme, fused, tmp_path
     assert max_abs(got, ref) < 0.05 * float(ref.abs().max())
 
 
+def test_attention_option_without_attention_says_so():
+    gm_free = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    res = fxopt.optimize(gm_free, "insert-qdq{attention=true}", (x,), calibration=[(x,)])
+    assert any("no scaled_dot_product_attention" in n for n in res.records[-1].notes)
+    assert res.records[-1].stats["attention_matmuls"] == 0 and res.records[-1].stats["quantized"] == 2
+
+
 def test_attention_option_is_ignored_for_weight_only():
     lm = models.hf_tiny("bert-tiny", layers=1)
     res = fxopt.optimize(lm.model, "insert-qdq{scheme=w8-weight-only,attention=true}", lm.example_inputs)
