@@ -11,7 +11,7 @@ Engines (all ONNX Runtime, CPU, ``--threads`` intra-op threads, graph optimizati
   quantized) and, as a second row, only the linears (``nodes_to_quantize`` = the MatMul/Gemm nodes
   with an initializer weight: the set fxopt quantizes; ``MatMulConstBOnly`` is ignored in QDQ format);
 * **fxopt** — the pipelines in ``VARIANTS`` (W8A8 static ± SmoothQuant, W8A8 dynamic per tensor /
-  per token, int8 / int4 weight-only), each ``optimize(..., calibration=..., dynamic=True)`` then
+  per token, int8 / int4 weight-only, int4 symmetric or asymmetric with zero points), each ``optimize(..., calibration=..., dynamic=True)`` then
   ``export_onnx(verify=False)``.
 
 Data (real text, disjoint): calibration = ``--calib`` passages of Hamlet; evaluation = ``--eval``
@@ -38,6 +38,7 @@ runs interleaved too, to see where the time of the quantized graphs goes.
     python3 benchmarks/bench_quant_minilm.py                 # ≈ 5–10 min on 2 cores (more when shared)
     python3 benchmarks/bench_quant_minilm.py --quick         # fewer variants/rounds, ≈ 3 min
     python3 benchmarks/bench_quant_minilm.py --markdown --keep /tmp/qminilm
+    python3 benchmarks/bench_quant_minilm.py --variants w4-g32 w4-asym-g32 --no-ort-quant --no-profile   # some rows
 
 Progress goes to stderr; the tables go to stdout.
 """
@@ -83,6 +84,12 @@ VARIANTS = [
     ("w4-g32", "fxopt W4 weight-only g32", "insert-qdq{scheme=w4-weight-only,group=32},fuse-qdq"),
     ("w4-g64", "fxopt W4 weight-only g64", "insert-qdq{scheme=w4-weight-only,group=64},fuse-qdq"),
     ("w4-g128", "fxopt W4 weight-only g128", "insert-qdq{scheme=w4-weight-only,group=128},fuse-qdq"),
+    ("w4-asym-g32", "fxopt W4 weight-only asym g32",
+     "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false},fuse-qdq"),
+    ("w4-asym-g64", "fxopt W4 weight-only asym g64",
+     "insert-qdq{scheme=w4-weight-only,group=64,weight_symmetric=false},fuse-qdq"),
+    ("w4-asym-g128", "fxopt W4 weight-only asym g128",
+     "insert-qdq{scheme=w4-weight-only,group=128,weight_symmetric=false},fuse-qdq"),
 ]
 QUICK = ("sq-auto", "sq-auto-att", "static", "dyn-tensor", "w4-g64")
 PROFILED = ("fp32", "ort-dynamic", "ort-static-linears", "sq-auto", "sq-auto-att", "static", "dyn-tensor", "dyn-token", "w8", "w4-g32")
@@ -411,7 +418,7 @@ def targets(engines: dict[str, Engine], base: Engine, alt: dict[str, Engine], al
             a = alt[key].lat()
             out[-1] += (f" [with {alt_threads} thread(s): {alt['fp32'].lat() / a:.2f}x vs fp32, "
                         f"{alt['ort-dynamic'].lat() / a:.2f}x vs quantize_dynamic]")
-    for key in ("w4-g32", "w4-g64", "w4-g128"):
+    for key in ("w4-g32", "w4-g64", "w4-g128", "w4-asym-g32", "w4-asym-g64", "w4-asym-g128"):
         e = engines.get(key)
         if e and not e.error and e.mib:
             out.append(f"{e.label}: file {e.mib / base.mib:.3f}x fp32 (target <= {TARGETS['size_w4']}) "

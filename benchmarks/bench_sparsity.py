@@ -53,6 +53,8 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
 SPARSE = "nm-sparsity{n=2,m=4}"
 PERM = "permute-channels{n=2,m=4},nm-sparsity{n=2,m=4}"
+WSPARSE = "nm-sparsity{n=2,m=4,score=wanda}"
+WPERM = "permute-channels{n=2,m=4,score=wanda},nm-sparsity{n=2,m=4,score=wanda}"
 
 
 @dataclass
@@ -62,19 +64,23 @@ class Row:
     metric: dict = field(default_factory=dict)       # MiniLM: mean_cos, min_cos; SmolLM2: ppl
     kept: dict = field(default_factory=dict)         # layer -> kept magnitude share
     kept_total: float | None = None
+    kept_sal: dict = field(default_factory=dict)     # layer -> kept Σ(|w|·rms)² share (score=wanda)
     finetune: dict = field(default_factory=dict)     # nm-finetune stats
     seconds: float | None = None
     pass_seconds: dict = field(default_factory=dict)
     error: str | None = None
 
 
-VARIANT_KEYS = ("dense", "2:4", "2:4 + perm", "2:4 + ft", "2:4 + perm + ft")
+VARIANT_KEYS = ("dense", "2:4", "2:4 + perm", "2:4 + ft", "2:4 + perm + ft",
+                "wanda 2:4", "wanda 2:4 + perm", "wanda 2:4 + ft", "wanda 2:4 + perm + ft")
 SELECTED = VARIANT_KEYS          # set by --variants
 
 
 def variants(ft: str) -> list[tuple[str, str | None]]:
     every = [("dense", None), ("2:4", SPARSE), ("2:4 + perm", PERM),
-             ("2:4 + ft", f"{SPARSE},{ft}"), ("2:4 + perm + ft", f"{PERM},{ft}")]
+             ("2:4 + ft", f"{SPARSE},{ft}"), ("2:4 + perm + ft", f"{PERM},{ft}"),
+             ("wanda 2:4", WSPARSE), ("wanda 2:4 + perm", WPERM),
+             ("wanda 2:4 + ft", f"{WSPARSE},{ft}"), ("wanda 2:4 + perm + ft", f"{WPERM},{ft}")]
     return [(k, p) for k, p in every if k in SELECTED]
 
 
@@ -86,7 +92,7 @@ def run_variant(key: str, pipe: str | None, model, example, calib, evaluate) -> 
     log(f"{key}: {row.pipeline}")
     t0 = time.perf_counter()
     try:
-        res = fxopt.optimize(model, pipe, example, calibration=calib if pipe and "nm-finetune" in pipe else None,
+        res = fxopt.optimize(model, pipe, example, calibration=calib if pipe and ("nm-finetune" in pipe or "wanda" in pipe) else None,
                              dynamic=True, measure_drift=False)
     except Exception as e:  # noqa: BLE001 - a failing variant is a result; the others still run
         row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -100,6 +106,7 @@ def run_variant(key: str, pipe: str | None, model, example, calib, evaluate) -> 
         if base == "nm-sparsity":
             row.kept = dict(r.stats.get("kept_magnitude") or {})
             row.kept_total = r.stats.get("kept_magnitude_total")
+            row.kept_sal = dict(r.stats.get("kept_saliency_sq") or {})
         if base == "nm-finetune":
             row.finetune = dict(r.stats)
     t1 = time.perf_counter()
@@ -122,11 +129,14 @@ def _f(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def kept_table(rows: dict[str, Row], markdown: bool, group=None) -> str:
-    """Per layer (or per ``group(layer)``): kept magnitude plain vs. permuted."""
-    if "2:4" not in rows or "2:4 + perm" not in rows or not rows["2:4"].kept:
-        return "(needs the 2:4 and 2:4 + perm variants)"
-    plain, perm = rows["2:4"].kept, rows["2:4 + perm"].kept
+def kept_table(rows: dict[str, Row], markdown: bool, group=None, prefix: str = "") -> str:
+    """Per layer (or per ``group(layer)``): kept magnitude plain vs. permuted (``prefix="wanda "``: the
+    kept share of Σ(|w|·rms)², the wanda objective)."""
+    a_key, b_key = f"{prefix}2:4", f"{prefix}2:4 + perm"
+    field_of = (lambda r: r.kept_sal) if prefix else (lambda r: r.kept)
+    if a_key not in rows or b_key not in rows or not field_of(rows[a_key]):
+        return f"(needs the {a_key} and {b_key} variants)"
+    plain, perm = field_of(rows[a_key]), field_of(rows[b_key])
     keys = list(plain)
     body = []
     if group is None:
@@ -143,11 +153,12 @@ def kept_table(rows: dict[str, Row], markdown: bool, group=None) -> str:
             lo = min(plain[k] for k in ks)
             body.append([f"{g} (×{len(ks)})", _f(a), _f(b), _f(None if b is None else 100 * (b - a), "+.2f"),
                          _f(lo)])
-    tot_a, tot_b = rows["2:4"].kept_total, rows["2:4 + perm"].kept_total
-    extra = [""] if group is not None else []
-    body.append(["all masked linears (Σ kept / Σ total)", _f(tot_a), _f(tot_b),
-                 _f(None if tot_b is None or tot_a is None else 100 * (tot_b - tot_a), "+.2f")] + extra)
-    head = ["layer", "kept, 2:4", "kept, perm + 2:4", "Δ points"] + (["min kept, 2:4"] if group is not None else [])
+    if not prefix:
+        tot_a, tot_b = rows[a_key].kept_total, rows[b_key].kept_total
+        extra = [""] if group is not None else []
+        body.append(["all masked linears (Σ kept / Σ total)", _f(tot_a), _f(tot_b),
+                     _f(None if tot_b is None or tot_a is None else 100 * (tot_b - tot_a), "+.2f")] + extra)
+    head = ["layer", f"kept, {a_key}", f"kept, {b_key}", "Δ points"] + ([f"min kept, {a_key}"] if group is not None else [])
     return table(head, body, markdown)
 
 
@@ -198,6 +209,10 @@ def bench_minilm(args) -> None:
                 args.markdown))
     print(f"\nMiniLM: magnitude kept per layer by the 2:4 mask, plain vs. after `permute-channels{{n=2,m=4}}`\n")
     print(kept_table(rows, args.markdown))
+    if any(k.startswith("wanda") for k in rows):
+        print("\nMiniLM: share of Σ(|w|·rms(x))² kept by the wanda 2:4 mask per layer, plain vs. after "
+              "`permute-channels{n=2,m=4,score=wanda}`\n")
+        print(kept_table(rows, args.markdown, prefix="wanda "))
 
 
 # --------------------------------------------------------------------------- SmolLM2
@@ -251,6 +266,10 @@ def bench_smollm2(args) -> None:
     print("\nSmolLM2: magnitude kept by the 2:4 mask per projection type (mean over the 30 layers), plain vs. "
           "after `permute-channels{n=2,m=4}`\n")
     print(kept_table(rows, args.markdown, group=_smol_group))
+    if any(k.startswith("wanda") for k in rows):
+        print("\nSmolLM2: share of Σ(|w|·rms(x))² kept by the wanda 2:4 mask per projection type, plain vs. after "
+              "`permute-channels{n=2,m=4,score=wanda}`\n")
+        print(kept_table(rows, args.markdown, group=_smol_group, prefix="wanda "))
 
 
 def main(argv=None) -> int:

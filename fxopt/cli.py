@@ -106,7 +106,7 @@ def _optimize(args, **kw):
                               offload_dir=getattr(args, "offload_dir", None), **kw)
 
 
-CALIBRATING = ("smoothquant", "insert-qdq", "nm-finetune", "moe-")
+CALIBRATING = ("smoothquant", "insert-qdq", "nm-finetune", "moe-", "score=wanda")
 
 
 def cmd_optimize(args) -> int:

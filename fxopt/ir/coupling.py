@@ -46,7 +46,7 @@ import torch.fx
 
 from .graph import add_constant, get_attr, set_attr
 from .meta import SOURCE_PATH, describe, module_path
-from .structure import (IGNORED_USERS, RESHAPES, TRANSPARENT, LinearInfo, _is_call, _val, channel_groups, linears,
+from .structure import (IGNORED_USERS, RESHAPES, TRANSPARENT, LinearInfo, _is_call, _is_full_slice, _val, channel_groups, linears,
                         shared_parameters)
 
 aten = torch.ops.aten
@@ -101,16 +101,24 @@ class CoupledGroup:
     def paths(self) -> list[str]:
         return [li.path for li in _unique(self.producers + self.consumers)]
 
-    def consumer_matrix(self, gm: torch.fx.GraphModule) -> torch.Tensor:
+    def consumer_matrix(self, gm: torch.fx.GraphModule,
+                        column_scale: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``|w|`` of every consumer column, stacked row-wise: ``[Σ rows, channels]``; column ``c`` holds
-        all the weights an N:M mask of a consumer sees for channel ``c``."""
+        all the weights an N:M mask of a consumer sees for channel ``c``. ``column_scale`` maps a
+        consumer weight's target to a factor per input column (the RMS of its input channels, for
+        activation-aware scores): those columns are multiplied by it."""
         parts = []
         for mb in self.members:
             if mb.role != "columns":
                 continue
             w = get_attr(gm, mb.target).detach().to(torch.float32).abs()
+            scale = (column_scale or {}).get(mb.target)
             for r in range(mb.index.shape[0]):
-                parts.append(w.index_select(mb.dim, mb.index[r]))
+                cols = w.index_select(mb.dim, mb.index[r])
+                if scale is not None:
+                    f = scale.to(torch.float32)[mb.index[r]]
+                    cols = cols * (f.unsqueeze(0) if mb.dim == cols.dim() - 1 else f.unsqueeze(-1))
+                parts.append(cols)
         if not parts:
             return torch.zeros(0, self.channels)
         return torch.cat(parts, 0)
@@ -203,22 +211,32 @@ def _is_head_swap(n) -> bool:
 
 
 def _repeat_kv(n) -> tuple[torch.fx.Node, int, list[torch.fx.Node]] | None:
-    """HF's ``repeat_kv``: reshape(expand(unsqueeze(x, 2), [B, Hkv, r, S, D]), [B, Hkv·r, S, D])."""
+    """HF's ``repeat_kv``: reshape(expand(unsqueeze(x, 2), [B, Hkv, r, S, D]), [B, Hkv·r, S, D]).
+
+    Dynamic-shape captures write the indexing ``x[:, :, None, :, :]`` with whole-dim ``slice`` nodes
+    around the unsqueeze; those are skipped (and reported as part of the pattern)."""
     if not _is_call(n, RESHAPES):
         return None
     e = n.args[0]
     if not _is_call(e, {aten.expand.default}):
         return None
+    skipped = []
     u = e.args[0]
+    while _is_full_slice(u):
+        skipped.append(u)
+        u = u.args[0]
     if not (_is_call(u, {aten.unsqueeze.default}) and u.args[1] in (2, -3)):
         return None
     x = u.args[0]
+    while _is_full_slice(x):
+        skipped.append(x)
+        x = x.args[0]
     xs, es, ns = _shape(x), _shape(e), _shape(n)
     if not (xs and es and ns and len(xs) == 4 and len(es) == 5 and len(ns) == 4):
         return None
     if es[1] != xs[1] or es[3:] != xs[2:] or ns != (es[0], es[1] * es[2], es[3], es[4]):
         return None
-    return x, es[2], [n, e, u]
+    return x, es[2], [n, e, u, *skipped]
 
 
 def _rope(n) -> tuple[torch.fx.Node, list[tuple[torch.fx.Node, torch.fx.Node]], list[torch.fx.Node]] | None:

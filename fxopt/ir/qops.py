@@ -20,6 +20,8 @@ The output dtype of ``quantize`` is ``zero_point``'s dtype (int8 / uint8), as in
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -145,30 +147,73 @@ def pack_nbits(q: Tensor, block_size: int, bits: int = 4) -> Tensor:
     uint8 ``[N, K/block, block/2]``, value ``+8`` (the default zero point), low nibble first."""
     if bits != 4:
         raise ValueError("only 4-bit packing is implemented")
-    n, k = q.shape
-    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // block_size, block_size)
+    return pack_uint4_blocks((q.to(torch.int16) + 8).to(torch.uint8), block_size)
+
+
+def pack_uint4_blocks(u: Tensor, block_size: int) -> Tensor:
+    """Unsigned 4-bit values ``[N, K]`` (in ``[0, 15]``, stored as they are) → uint8
+    ``[N, K/block, block/2]``, two values a byte, low nibble first (``MatMulNBits``'s ``B``)."""
+    n, k = u.shape
+    if int(u.min()) < 0 or int(u.max()) > 15:
+        raise ValueError("4-bit values must lie in [0, 15]")
+    u = u.to(torch.uint8).reshape(n, k // block_size, block_size)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
+def pack_zero_points(zp: Tensor) -> Tensor:
+    """Per-block 4-bit zero points ``[N, n_blocks]`` (in ``[0, 15]``) → ``MatMulNBits``'s ``zero_points``:
+    uint8 ``[N, ceil(n_blocks / 2)]``, block ``2j`` in the low nibble and ``2j+1`` in the high nibble of
+    byte ``j``; with an odd block count the last byte of each row has a high nibble of 0 (padding).
+    Rows are padded separately, as ONNX Runtime reads them (checked against ORT by
+    tests/lowering/test_onnx_export.py::test_matmul_nbits_zero_points_layout_is_what_onnx_runtime_reads)."""
+    n, nb = zp.shape
+    if int(zp.min()) < 0 or int(zp.max()) > 15:
+        raise ValueError("4-bit zero points must lie in [0, 15]")
+    z = zp.to(torch.uint8)
+    if nb % 2:
+        z = torch.cat([z, z.new_zeros(n, 1)], dim=1)
+    return (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+
+
+def unpack_zero_points(packed: Tensor, n_blocks: int) -> Tensor:
+    """Inverse of :func:`pack_zero_points`: ``[N, n_blocks]`` uint8 in ``[0, 15]``."""
+    n = packed.shape[0]
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(n, -1)[:, :n_blocks]
+
+
+def unpack_uint4(packed: Tensor, k: int) -> Tensor:
+    """Packed nibbles ``[N, ...]`` (low nibble first) → ``[N, K]`` int16 in ``[0, 15]``, as stored."""
+    n = packed.shape[0]
+    lo = (packed & 0x0F).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    return torch.stack((lo, hi), dim=-1).reshape(n, -1)[:, :k]
 
 
 def unpack_nbits(packed: Tensor, k: int, bits: int = 4) -> Tensor:
     """Inverse of :func:`pack_nbits`: ``[N, K]`` signed values."""
-    n = packed.shape[0]
-    lo = (packed & 0x0F).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    u = torch.stack((lo, hi), dim=-1).reshape(n, -1)[:, :k]
-    return (u - 8).to(torch.int8)
+    return (unpack_uint4(packed, k) - 8).to(torch.int8)
 
 
 @torch.library.custom_op("fxopt::matmul_nbits", mutates_args=())
-def matmul_nbits(x: Tensor, packed: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int) -> Tensor:
-    """``x @ Wᵀ`` with ``W[i, j] = (q[i, j] − 8) · scales[i, j // block]`` stored packed (``MatMulNBits``)."""
-    q = unpack_nbits(packed, k, bits).to(torch.float32)
-    w = q * scales.reshape(n, -1).repeat_interleave(block_size, dim=1)[:, :k]
+def matmul_nbits(x: Tensor, packed: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int,
+                 zero_points: Optional[Tensor] = None) -> Tensor:
+    """``x @ Wᵀ`` with ``W[i, j] = (u[i, j] − z[i, j // block]) · scales[i, j // block]`` stored packed
+    (``MatMulNBits``): ``u`` the stored 4-bit values in ``[0, 15]``; ``z`` = 8 without ``zero_points``
+    (symmetric int4), else the per-block zero points unpacked from ``zero_points`` (uint8
+    ``[N, ceil(n_blocks/2)]``, see :func:`pack_zero_points`)."""
+    u = unpack_uint4(packed, k).to(torch.float32)
+    n_blocks = -(-k // block_size)
+    if zero_points is None:
+        z = torch.full((n, n_blocks), 8.0)
+    else:
+        z = unpack_zero_points(zero_points.reshape(n, -1), n_blocks).to(torch.float32)
+    z = z.repeat_interleave(block_size, dim=1)[:, :k]
+    w = (u - z) * scales.reshape(n, -1).to(torch.float32).repeat_interleave(block_size, dim=1)[:, :k]
     return x.to(torch.float32) @ w.t()
 
 
 @matmul_nbits.register_fake
-def _matmul_nbits_fake(x, packed, scales, k, n, bits, block_size):
+def _matmul_nbits_fake(x, packed, scales, k, n, bits, block_size, zero_points=None):
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 

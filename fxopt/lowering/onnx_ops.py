@@ -136,8 +136,12 @@ _register_matmul_nbits_schema()
 _MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
 
-def matmul_nbits_onnx(x, packed, scales, k: int, n: int, bits: int, block_size: int):
-    return _MSFT.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block_size)
+def matmul_nbits_onnx(x, packed, scales, k: int, n: int, bits: int, block_size: int, zero_points=None):
+    """``MatMulNBits``; with ``zero_points`` (uint8 ``[N, ceil(n_blocks/2)]``, 4-bit, low nibble first) the
+    weights are asymmetric uint4, without it ONNX Runtime's default zero point 8 applies."""
+    if zero_points is None:
+        return _MSFT.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block_size)
+    return _MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size)
 
 
 TRANSLATIONS[torch.ops.fxopt.matmul_nbits.default] = matmul_nbits_onnx

@@ -22,6 +22,33 @@ def weight_grouped(w: torch.Tensor, group: int, qmin: int = -8, qmax: int = 7) -
     return (torch.clamp(torch.round(g / scale), qmin, qmax) * scale).reshape(n, k)
 
 
+def grouped_asym_qparams(w: torch.Tensor, group: int, qmax: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric (zero-point) parameters along the input dim, ``[N, K/group]`` each.
+
+    Per group, with the range widened to contain 0 (so 0 is exact and ``z`` needs no clamping):
+    ``lo = min(min W_g, 0)``, ``hi = max(max W_g, 0)``, ``s = (hi − lo) / qmax``,
+    ``z = clamp(round(−lo / s), 0, qmax)``. An all-zero group (``hi == lo``) gets ``s = 1e-12``,
+    ``z = 0`` (every value quantizes to 0 and dequantizes to exactly 0). Returns float32 scales and
+    uint8 zero points (ONNX Runtime ``MatMulNBits`` with ``zero_points``; GPTQ/AWQ style)."""
+    n, k = w.shape
+    g = w.detach().to(torch.float32).reshape(n, k // group, group)
+    lo = g.amin(-1).clamp_max(0.0)
+    hi = g.amax(-1).clamp_min(0.0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.uint8)
+    return scale, zp
+
+
+def weight_grouped_asym(w: torch.Tensor, group: int, qmax: int = 15) -> torch.Tensor:
+    """Group-wise asymmetric uint4 (``[0, qmax]``): ``Ŵ = (clamp(round(W/s) + z, 0, qmax) − z) · s`` with
+    :func:`grouped_asym_qparams` — what ``fxopt::quantize`` → ``fxopt::dequantize`` compute with them."""
+    n, k = w.shape
+    scale, zp = grouped_asym_qparams(w, group, qmax)
+    s, z = scale.unsqueeze(-1), zp.to(torch.float32).unsqueeze(-1)
+    g = w.to(torch.float32).reshape(n, k // group, group)
+    return ((torch.clamp(torch.round(g / s) + z, 0, qmax) - z) * s).reshape(n, k)
+
+
 def act_affine(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 

@@ -6,6 +6,8 @@ so memory stays near one batch's live activations; each watched value is reduced
 statistics on the spot:
 
 * per-channel (last dim) ``min``, ``max`` and ``absmax`` — SmoothQuant's ``max|X_j|``;
+* per-channel sum of squares and the row count — the RMS ``‖X_j‖₂ / √rows`` that activation-aware
+  pruning scores weights with (Wanda; :func:`channel_rms`);
 * per-tensor min / max follow from them;
 * a seeded random sample of rows (tokens), for searches that need real activations
   (SmoothQuant's α search, sensitivity checks) — at most ``sample_rows`` rows per node;
@@ -60,6 +62,8 @@ class _Watcher(OffloadInterpreter):
 class _Acc:
     def __init__(self, sample_rows: int, sample_values: int, gen: torch.Generator):
         self.cmin = self.cmax = None
+        self.sumsq: torch.Tensor | None = None
+        self.count = 0
         self.rows: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.n = 0
@@ -75,6 +79,9 @@ class _Acc:
             raise PreconditionError(f"calibration: {describe(node)} produced NaN/inf on batch {self.n}")
         self.cmin = lo if self.cmin is None else torch.minimum(self.cmin, lo)
         self.cmax = hi if self.cmax is None else torch.maximum(self.cmax, hi)
+        sq = flat.to(torch.float64).pow(2).sum(0)
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+        self.count += flat.shape[0]
         if self.sample_rows:
             k = min(self.sample_rows, flat.shape[0])
             idx = torch.randperm(flat.shape[0], generator=self.gen)[:k]
@@ -88,6 +95,9 @@ class _Acc:
 
     def stats(self) -> ObserverStats:
         extra = {}
+        if self.sumsq is not None:
+            extra["sumsq"] = self.sumsq
+            extra["count"] = torch.tensor(self.count)
         if self.rows:
             rows = torch.cat(self.rows)
             if rows.shape[0] > self.sample_rows:
@@ -237,6 +247,14 @@ def _run_layerwise(gm: torch.fx.GraphModule, batches: list[ExampleInputs], watch
     bar.close()
     return {"mode": "layerwise", "segments": segments, "weight_loads": loads,
             "peak_weight_bytes": peak_w, "peak_activation_bytes": peak_act}
+
+
+def channel_rms(stats: ObserverStats) -> torch.Tensor:
+    """Per-channel (last dim) root mean square over every calibration row: ``√(Σ_t x_tj² / T)``.
+    Proportional to Wanda's ``‖X_j‖₂``; the mean makes it independent of the amount of data."""
+    if "sumsq" not in stats.extra:
+        raise PreconditionError("channel_rms needs statistics recorded by fxopt.passes.calibration.observe")
+    return (stats.extra["sumsq"] / max(int(stats.extra["count"]), 1)).sqrt().to(torch.float32)
 
 
 def tensor_range(stats: ObserverStats, method: str = "minmax", percentile: float = 99.99) -> tuple[float, float]:

@@ -14,7 +14,10 @@ Rewrite rules, in order:
    input) ORT 1.32 rewrites it into an 8-bit ``MatMulNBits``.
 4. **Packed int4.** ``linear(x, DQ(W_q, s, 0, axis=1, block), b)`` with a group-wise int4 weight
    becomes ``fxopt::matmul_nbits(x, packed, s) + b`` (ONNX Runtime's ``MatMulNBits`` layout:
-   two values a byte, zero point 8).
+   two values a byte, zero point 8). An asymmetric uint4 weight ``DQ(W_u, s, z, axis=1, block)``
+   (values and zero points in ``[0, 15]``, ``insert-qdq{weight_symmetric=false}``) is packed as
+   stored and its zero points go to ``matmul_nbits``'s ``zero_points`` input: uint8
+   ``[N, ceil(n_blocks/2)]``, two 4-bit zero points a byte, low nibble first.
 
 Each rewritten linear is marked with :data:`fxopt.ir.meta.QLINEAR` (scheme, weight, activation
 form) for backends. The dequantized weights are bit-identical to the fake-quantized ones, but the
@@ -92,12 +95,18 @@ class FuseQDQ(Pass):
             if not (_is(wd, qops.DEQUANTIZE) and _const(wd.args[0])):
                 continue
             wq = get_attr(gm, wd.args[0].target)
-            if wq.dtype != torch.int8 or not all(_const(a) for a in wd.args[1:3]):
+            if wq.dtype not in (torch.int8, torch.uint8) or not all(_const(a) for a in wd.args[1:3]):
                 continue
             s_w, z_w = get_attr(gm, wd.args[1].target), get_attr(gm, wd.args[2].target)
-            if bool((z_w != 0).any()):
-                continue                                # integer kernels here take symmetric weights
             axis, block = wd.args[3], wd.args[4]
+            # asymmetric uint4 groups (insert-qdq{weight_symmetric=false}): values and zero points in [0, 15]
+            asym4 = (wq.dtype == torch.uint8 and z_w.dtype == torch.uint8 and block > 0 and axis == 1
+                     and wq.dim() == 2 and z_w.shape == (wq.shape[0], -(-wq.shape[1] // block))
+                     and int(wq.max()) <= 15 and int(z_w.max()) <= 15)
+            if wq.dtype != torch.int8 and not asym4:
+                continue
+            if not asym4 and bool((z_w != 0).any()):
+                continue                                # integer kernels here take symmetric weights
             path = module_path(n)
             act = _activation_form(x)
             with g.inserting_before(n):
@@ -109,12 +118,18 @@ class FuseQDQ(Pass):
                     scheme = "w8a8-" + ("static" if act.endswith("static") else "dynamic") if act else "w8-weight-only"
                     stats["int8_linears"] += 1
                     marked, weight_name, group = out, wt.target, 0
-                elif block > 0 and axis == 1 and int(wq.min()) >= -8 and int(wq.max()) <= 7:
+                elif asym4 or (block > 0 and axis == 1 and int(wq.min()) >= -8 and int(wq.max()) <= 7):
                     k, nout = wq.shape[1], wq.shape[0]
-                    packed = add_constant(gm, f"{wd.args[0].target}_nbits", qops.pack_nbits(wq, block), before=n)
+                    bits = qops.pack_uint4_blocks(wq, block) if asym4 else qops.pack_nbits(wq, block)
+                    packed = add_constant(gm, f"{wd.args[0].target}_nbits", bits, before=n)
                     scales = add_constant(gm, f"{wd.args[0].target}_nbits_scale",
                                           s_w.to(torch.float32).reshape(-1).contiguous(), before=n)
-                    out = g.call_function(qops.MATMUL_NBITS, (x, packed, scales, k, nout, 4, block))
+                    args = (x, packed, scales, k, nout, 4, block)
+                    if asym4:
+                        zps = add_constant(gm, f"{wd.args[0].target}_nbits_zero_points",
+                                           qops.pack_zero_points(z_w), before=n)
+                        args += (zps,)
+                    out = g.call_function(qops.MATMUL_NBITS, args)
                     scheme, stats["int4_linears"] = "w4-weight-only", stats["int4_linears"] + 1
                     marked, weight_name, group = out, packed.target, block
                 else:

@@ -19,7 +19,17 @@ integer kernels. Schemes:
     weights per channel int8; activations stay float.
 ``w4-weight-only``
     weights group-wise int4 (ZeroQuant): one scale per ``group`` (32/64/128) input columns of
-    each output row, ``s = max|W_group| / 7`` on ``[−8, 7]``.
+    each output row, ``s = max|W_group| / 7`` on ``[−8, 7]``. With ``weight_symmetric=false``
+    the groups are asymmetric uint4 with a zero point each (GPTQ/AWQ style, ONNX Runtime
+    ``MatMulNBits`` with ``zero_points``): ``lo = min(min W_g, 0)``, ``hi = max(max W_g, 0)``,
+    ``s = (hi − lo)/15``, ``z = clamp(round(−lo/s), 0, 15)``, ``q = clamp(round(W/s) + z, 0, 15)``,
+    ``Ŵ = (q − z)·s``; the range is widened to contain 0 so that a group of one sign keeps its
+    values instead of clamping them, and an all-zero group gets ``s = 1e-12``, ``z = 0`` (no division
+    by zero). It helps where groups are off-centre: their ``[min, max]`` uses all 16 levels where
+    ``±max|W|`` wastes part of them. Only ``w4-weight-only`` takes it: the int8 weight kernels the
+    other schemes lower to (ORT's u8×s8 ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``, torch's
+    x86 qlinear) take symmetric weights, so ``weight_symmetric=false`` with them is a ``ValueError``.
+    Embedding tables stay symmetric (``GatherBlockQuantized`` without zero points).
 
 Embedding tables (``embeddings=true``, the default) are stored int8 per row: the rows a lookup
 gathers are dequantized with their gathered scales, ``E[ids] ≈ q[ids] · s[ids]`` — in MiniLM the
@@ -83,6 +93,7 @@ class InsertQDQ(Pass):
     embedding_bits: int = 0
     attention: bool = False
     sample_rows: int = 512
+    weight_symmetric: bool = True
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -95,6 +106,11 @@ class InsertQDQ(Pass):
             raise ValueError("group must be 16, 32, 64, 128 or 256")
         if self.embedding_bits not in (0, 4, 8):
             raise ValueError("embedding_bits must be 8, 4, or 0 (4 with scheme=w4-weight-only, else 8)")
+        if not self.weight_symmetric and self.scheme != "w4-weight-only":
+            raise ValueError(
+                f"weight_symmetric=false is supported with scheme=w4-weight-only only, not {self.scheme}: the int8 "
+                "weight kernels fuse-qdq targets (ONNX Runtime's u8xs8 MatMulIntegerToFloat / DynamicQuantizeMatMul, "
+                "torch's x86 qlinear) take symmetric weights with zero point 0")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -258,7 +274,10 @@ class InsertQDQ(Pass):
         w = get_attr(gm, li.weight).detach().to(torch.float32)
         wnode = li.node.args[1]
         base = f"_qdq.{_safe(li.path)}.weight"
-        if self.scheme == "w4-weight-only":
+        if self.scheme == "w4-weight-only" and not self.weight_symmetric:
+            scale, zp = fq.grouped_asym_qparams(w, self.group)           # uint8 zero points in [0, 15]
+            axis, block, qmin, qmax, gran = 1, self.group, 0, 15, "per_group"
+        elif self.scheme == "w4-weight-only":
             n, k = w.shape
             scale = (w.reshape(n, k // self.group, self.group).abs().amax(-1) / 7.0).clamp_min(1e-12)
             zp = torch.zeros_like(scale, dtype=torch.int8)
@@ -273,9 +292,9 @@ class InsertQDQ(Pass):
         with g.inserting_before(li.node):
             q = g.call_function(qops.QUANTIZE, (wnode, s, z, axis, block, qmin, qmax))
             dq = g.call_function(qops.DEQUANTIZE, (q, s, z, axis, block))
-        q.meta["val"] = torch.empty(w.shape, dtype=torch.int8)
+        q.meta["val"] = torch.empty(w.shape, dtype=zp.dtype)
         dq.meta["val"] = torch.empty(w.shape, dtype=torch.float32)
-        QSPEC.set(q, QuantSpec(torch.int8, qmin, qmax, gran, axis=axis, group_size=block))
+        QSPEC.set(q, QuantSpec(zp.dtype, qmin, qmax, gran, axis=axis, group_size=block, symmetric=zp.dtype == torch.int8))
         for n in (q, dq):
             PROVENANCE.set(n, self.name)
             SOURCE_PATH.set(n, li.path)
@@ -380,7 +399,10 @@ class InsertQDQ(Pass):
     def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st) -> float:
         w = get_attr(gm, li.weight).detach().to(torch.float32)
         exact = rows @ w.t()
-        wq = fq.weight_grouped(w, self.group) if self.scheme == "w4-weight-only" else fq.weight_per_channel(w)
+        if self.scheme == "w4-weight-only":
+            wq = fq.weight_grouped(w, self.group) if self.weight_symmetric else fq.weight_grouped_asym(w, self.group)
+        else:
+            wq = fq.weight_per_channel(w)
         if self.scheme == "w8a8-static":
             lo, hi = tensor_range(st, self.calib, self.percentile)
             scale, zp, qmin, qmax = fq.static_qparams(lo, hi, self.symmetric)

@@ -1,10 +1,17 @@
-"""``nm-sparsity`` — N:M structured sparsity of linear weights, by magnitude.
+"""``nm-sparsity`` — N:M structured sparsity of linear weights, by magnitude or activation-aware saliency.
 
 For every selected ``linear(x, W, b)`` with ``W`` of shape ``[out, in]``: along the *input*
 dimension, each run of ``m`` consecutive columns ``W[i, g·m : (g+1)·m]`` keeps its ``n`` entries
-of largest ``|w|`` and the other ``m − n`` become 0 (NVIDIA's 2:4 pattern, Mishra et al. 2021,
-"Accelerating Sparse Deep Neural Networks"). The reduction dim of ``x Wᵀ`` is the input dim,
+of largest saliency ``S_ij`` and the other ``m − n`` become 0 (NVIDIA's 2:4 pattern, Mishra et al.
+2021, "Accelerating Sparse Deep Neural Networks"). The reduction dim of ``x Wᵀ`` is the input dim,
 which is the dim sparse tensor cores compress.
+
+``score=magnitude`` (default): ``S_ij = |W_ij|``, no data needed. ``score=wanda`` (Sun et al.,
+ICLR 2024): ``S_ij = |W_ij| · ‖X_j‖``, with ``‖X_j‖`` the RMS of input channel ``j`` over the
+calibration data — it minimizes the diagonal approximation ``Σ_pruned W_ij² ‖X_j‖²`` of the layer's
+output error, and sees the few huge activation channels of LLMs that magnitude cannot
+(:mod:`fxopt.passes._saliency` has the derivation). ``wanda`` needs ``calibration=`` batches; a
+linear whose input calibration did not see falls back to magnitude, with a note.
 
 The masked weight is written with :func:`fxopt.ir.graph.set_attr` (a new tensor: the caller's
 parameter is never written) and the linear node gets :data:`fxopt.ir.meta.NM_MASK`, an
@@ -34,7 +41,9 @@ import torch
 from ..ir.graph import get_attr, set_attr
 from ..ir.meta import NM_MASK, NMMask
 from ..ir.structure import LinearInfo, linears, shared_parameters
+from ._saliency import check_score, input_rms, saliency
 from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
+from .calibration import check_batches
 
 MAX_M = 16
 
@@ -89,15 +98,18 @@ class NMSparsity(Pass):
     name: ClassVar[str] = "nm-sparsity"
     run_after: ClassVar[tuple[str, ...]] = ("permute-channels",)   # permuting after masking would break the pattern
     exact: ClassVar[bool] = False
-    summary: ClassVar[str] = "N:M structured sparsity (2:4) of linear weights by magnitude, along the input dim"
+    summary: ClassVar[str] = ("N:M structured sparsity (2:4) of linear weights along the input dim, by magnitude "
+                              "or activation-aware saliency (score=wanda)")
     n: int = 2
     m: int = 4
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     skip_shared: bool = True
+    score: str = "magnitude"
 
     def __post_init__(self):
         _check_nm(self.n, self.m)
+        check_score(self.name, self.score)
         for opt in ("include", "exclude"):
             v = getattr(self, opt)
             if isinstance(v, str):
@@ -135,18 +147,26 @@ class NMSparsity(Pass):
         if not self._candidates(gm):
             raise NotApplicable("no linear with a parameter weight"
                                 + (f" matching include={'|'.join(self.include)}" if self.include else ""))
+        if self.score == "wanda":
+            check_batches(ctx.calibration, f"{self.name}{{score=wanda}}")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         sel, notes = self._selected(gm)
+        rms = input_rms(gm, ctx, sel, f"{self.name}{{score=wanda}}", notes) if self.score == "wanda" and sel else {}
         kept_frac: dict[str, float] = {}
+        kept_sal: dict[str, float] = {}
         kept_total = total_total = 0.0
         changed = False
         for li in sel:
             w = get_attr(gm, li.weight)
-            mask = nm_mask(w, self.n, self.m)
+            sal = saliency(w, rms.get(li.weight))
+            mask = nm_mask(sal, self.n, self.m)
             absw = w.detach().abs().to(torch.float64)
             total = float(absw.sum())
             kept = float(absw[mask].sum())
+            if li.weight in rms:
+                sq = sal.to(torch.float64).pow(2)
+                kept_sal[li.path] = round(float(sq[mask].sum() / sq.sum()), 6) if float(sq.sum()) > 0 else 1.0
             new = w.detach() * mask.to(w.dtype)                # a new tensor: never writes the old one
             if not torch.equal(new, w.detach()):
                 changed = True
@@ -161,10 +181,12 @@ class NMSparsity(Pass):
             notes.append(DENSE_NOTE)
         stats = {
             "pattern": f"{self.n}:{self.m}",
+            "score": self.score,
             "masked": len(sel),
             "skipped": skipped,
             "kept_magnitude": kept_frac,
             "kept_magnitude_total": round(kept_total / total_total, 6) if total_total > 0 else 1.0,
+            **({"kept_saliency_sq": kept_sal} if kept_sal else {}),
             "weights_zeroed": sum(li.in_features * li.out_features for li in sel) * (self.m - self.n) // self.m,
         }
         return PassResult(gm, changed, stats=stats, notes=notes)

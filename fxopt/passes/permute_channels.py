@@ -21,6 +21,15 @@ The math, for one coupled group (:func:`fxopt.ir.coupling.coupled_groups`) of ``
    (:func:`fxopt.ir.coupling.apply_permutation`, new tensors through ``set_attr``: the caller's
    tensors are never written).
 
+Objective (``score``): ``magnitude`` (default) is Pool & Yu's ``Σ_kept |w|`` above. ``wanda`` scales
+every consumer column by the RMS of its input channel over the calibration data and maximizes
+``Σ_kept (|w_ij|·‖x_j‖)²`` — the diagonal (Optimal-Brain-Surgeon) approximation of the consumers'
+output error under a Wanda mask (:mod:`fxopt.passes._saliency`), which is what the mask actually
+costs when a few channels carry huge activations (LLMs' attention-sink token). Use it with
+``nm-sparsity{score=wanda}``, which then keeps exactly the entries the search counted as kept.
+A permutation moves a channel's activations with it, so the RMS vector of the permuted graph is
+the old one permuted: the two passes agree without sharing state.
+
 Rewrite rules, by group kind:
 
 1. **ffn** (``fc1 → act → fc2``, ``silu(gate)·up → down``): any permutation of the hidden channels.
@@ -51,9 +60,13 @@ import torch
 from ..ir.coupling import CoupledGroup, apply_permutation, coupled_groups
 from ..ir.meta import NM_MASK, PERMUTATION, PermutationRecord, describe
 from ._permutation_search import kept_magnitude, search_permutation, unstructured_bound
+from ._saliency import check_score, input_rms
 from .base import NotApplicable, Pass, PassContext, PassResult, PreconditionError, register_pass
+from .calibration import check_batches
 
 MAX_M = 16
+
+OBJECTIVE = {"magnitude": "Σ|w|", "wanda": "Σ(|w|·rms(x))²"}
 
 QK_NOTE = ("query-key groups left as they are ({count}): Q and K rows have no N:M consumer whose columns "
            "move, so a permutation would keep the same magnitude")
@@ -83,8 +96,10 @@ class PermuteChannels(Pass):
     time_budget: float | None = 1.0    # seconds of search per group; none: no clock (deterministic, slower)
     seed: int = 0
     escapes: int | None = None         # escape attempts per search block (None: the search's default)
+    score: str = "magnitude"           # or "wanda": activation-aware objective (needs calibration)
 
     def __post_init__(self):
+        check_score(self.name, self.score)
         n, m = self.n, self.m
         if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
             raise ValueError(f"permute-channels: n and m must be integers; got n={n!r}, m={m!r}")
@@ -115,6 +130,8 @@ class PermuteChannels(Pass):
                 f"'permute-channels{{n={self.n},m={self.m}}},nm-sparsity{{n={self.n},m={self.m}}}'")
         if not any(g.kind != "query-key" and g.consumers for g in coupled_groups(gm)):
             raise NotApplicable("no producer → consumer channel group (FFN, or V → O in an attention) in the graph")
+        if self.score == "wanda":
+            check_batches(ctx.calibration, f"{self.name}{{score=wanda}}")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         notes: list[str] = []
@@ -122,17 +139,24 @@ class PermuteChannels(Pass):
         kept_b = kept_a = bound_t = total_t = 0.0
         qk = permuted = skipped = 0
         changed = False
-        for gid, grp in enumerate(coupled_groups(gm)):
+        groups = list(coupled_groups(gm))
+        why = {id(g): self._refusal(gm, g) for g in groups if g.kind != "query-key"}
+        rms: dict[str, torch.Tensor] = {}
+        if self.score == "wanda":
+            consumers = list({li.weight: li for g in groups if g.kind != "query-key" and not why[id(g)]
+                              for li in g.consumers}.values())
+            rms = input_rms(gm, ctx, consumers, f"{self.name}{{score=wanda}}", notes) if consumers else {}
+        for gid, grp in enumerate(groups):
             label = (f"output channels of {grp.name}" if grp.kind == "ffn" else f"{grp.kind} group of {grp.name}")
             if grp.kind == "query-key":
                 qk += 1
                 continue
-            why = self._refusal(gm, grp)
-            if why:
-                notes.append(f"{label}: not permuted: {why}")
+            refused = self._refusal(gm, grp)          # again: an earlier group of this run may have moved a member
+            if refused:
+                notes.append(f"{label}: not permuted: {refused}")
                 skipped += 1
                 continue
-            s = self._search(gm, grp)
+            s = self._search(gm, grp, rms)
             kept_b += s.before
             kept_a += s.after
             bound_t += s.bound
@@ -156,11 +180,14 @@ class PermuteChannels(Pass):
             notes.append(QK_NOTE.format(count=qk))
         if report:
             notes.insert(0, f"permuted {permuted} of {len(report)} searched groups: {self.n}:{self.m} keeps "
-                            f"{_frac(kept_b, total_t):.4f} → {_frac(kept_a, total_t):.4f} of their consumers' Σ|w|, "
+                            f"{_frac(kept_b, total_t):.4f} → {_frac(kept_a, total_t):.4f} of their consumers' "
+                            f"{OBJECTIVE[self.score]}, "
                             f"{100 * _gap(kept_b, kept_a, bound_t):.1f} % of the gap to the unstructured bound "
                             f"({_frac(bound_t, total_t):.4f}) closed")
         stats = {
             "pattern": f"{self.n}:{self.m}",
+            "score": self.score,
+            "objective": OBJECTIVE[self.score],
             "searched": len(report),
             "permuted": permuted,
             "skipped": skipped,
@@ -195,9 +222,11 @@ class PermuteChannels(Pass):
             return "already permuted by an earlier permute-channels"
         return None
 
-    def _search(self, gm: torch.fx.GraphModule, grp: CoupledGroup) -> _Search:
+    def _search(self, gm: torch.fx.GraphModule, grp: CoupledGroup, rms: dict[str, torch.Tensor]) -> _Search:
         t0 = time.perf_counter()
-        x = grp.consumer_matrix(gm)
+        x = grp.consumer_matrix(gm, rms)
+        if self.score == "wanda":
+            x = x * x                                  # Σ_kept (|w|·rms)²: the diagonal output error
         d, heads = grp.head_dim, grp.heads
         budget = self.time_budget / heads if self.time_budget is not None else None
         parts = []

@@ -84,3 +84,64 @@ def test_qdq_graph_captures_and_lowers_exactly_to_onnx(tmp_path):
     got = OrtBackend(rep.path).run((x2,))[0]
     ref = flatten_tensors(gm(x2))[0].numpy()
     assert np.abs(got - ref).max() < 1e-5
+
+
+def _asym_reference(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The asymmetric uint4 formula, one group at a time in plain torch: (s, z, q, Ŵ)."""
+    n, k = w.shape
+    s = torch.empty(n, k // group)
+    z = torch.empty(n, k // group, dtype=torch.uint8)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    for r in range(n):
+        for b in range(k // group):
+            g = w[r, b * group:(b + 1) * group]
+            lo, hi = torch.clamp(g.min(), max=0.0), torch.clamp(g.max(), min=0.0)
+            sc = (hi - lo) / 15 if hi > lo else torch.tensor(1e-12)
+            zp = torch.clamp(torch.round(-lo / sc), 0, 15)
+            s[r, b], z[r, b] = sc, zp
+            q[r, b * group:(b + 1) * group] = torch.clamp(torch.round(g / sc) + zp, 0, 15).to(torch.uint8)
+    w_hat = (q.to(torch.float32) - z.to(torch.float32).repeat_interleave(group, 1)) * s.repeat_interleave(group, 1)
+    return s, z, q, w_hat
+
+
+def test_asymmetric_groups_match_the_formula_exactly():
+    from fxopt.passes import _fakequant as fq
+    torch.manual_seed(0)
+    w = torch.randn(5, 32) * 0.1 + 0.05                                # shifted: groups mostly positive
+    w[0, :8] = 0.3                                                     # constant groups: positive, negative, zero
+    w[1, 8:16] = -0.2
+    w[2, 16:24] = 0.0
+    s_ref, z_ref, q_ref, w_hat_ref = _asym_reference(w, 8)
+    s, z = fq.grouped_asym_qparams(w, 8)
+    assert z.dtype == torch.uint8 and torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    q = qops.quantize(w, s, z, 1, 8, 0, 15)
+    assert q.dtype == torch.uint8 and torch.equal(q, q_ref)
+    w_hat = qops.dequantize(q, s, z, 1, 8)
+    assert torch.equal(w_hat, w_hat_ref) and torch.equal(fq.weight_grouped_asym(w, 8), w_hat_ref)
+    assert bool(torch.isfinite(w_hat).all())
+    # constant groups come back (0 exactly), and every value is within half a step of its group's grid
+    assert torch.allclose(w_hat[0, :8], torch.full((8,), 0.3), rtol=1e-6)
+    assert torch.allclose(w_hat[1, 8:16], torch.full((8,), -0.2), rtol=1e-6)
+    assert torch.equal(w_hat[2, 16:24], torch.zeros(8))
+    assert bool(((w_hat - w).abs() <= s.repeat_interleave(8, 1) / 2 + 1e-7).all())
+
+
+def test_zero_point_packing_round_trips_and_defaults_to_8():
+    torch.manual_seed(1)
+    z = torch.randint(0, 16, (4, 3), dtype=torch.uint8)               # odd block count: one padding nibble
+    packed = qops.pack_zero_points(z)
+    assert packed.shape == (4, 2) and packed.dtype == torch.uint8
+    assert torch.equal(packed[:, 0], z[:, 0] | (z[:, 1] << 4)) and torch.equal(packed[:, 1], z[:, 2])
+    assert torch.equal(qops.unpack_zero_points(packed, 3), z)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        qops.pack_zero_points(torch.tensor([[16]], dtype=torch.uint8))
+    # matmul_nbits without zero points is exactly the one with every zero point 8 (the symmetric path)
+    q = torch.randint(-8, 8, (6, 48), dtype=torch.int8)
+    s = torch.rand(6 * 3) + 0.1
+    x = torch.randn(2, 48)
+    packed_w = qops.pack_nbits(q, 16)
+    sym = qops.matmul_nbits(x, packed_w, s, 48, 6, 4, 16)
+    eights = qops.pack_zero_points(torch.full((6, 3), 8, dtype=torch.uint8))
+    assert torch.equal(sym, qops.matmul_nbits(x, packed_w, s, 48, 6, 4, 16, eights))
+    w = q.to(torch.float32) * s.reshape(6, 3).repeat_interleave(16, 1)
+    assert torch.equal(sym, x @ w.t())

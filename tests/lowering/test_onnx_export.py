@@ -111,3 +111,44 @@ def test_blocked_narrow_range_quantize_is_refused(tmp_path):
     gm = capture(M(), (torch.randn(2, 8),))
     with pytest.raises(LoweringError, match="blocked quantize with the narrow range"):
         export_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 8),))
+
+
+def test_matmul_nbits_zero_points_layout_is_what_onnx_runtime_reads():
+    """One com.microsoft MatMulNBits node with fxopt's packing: ORT must compute x·((u − z)·s)ᵀ with the
+    zero point of block b of row n in byte b // 2 of row n, low nibble first (rows padded separately)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fxopt.ir import qops
+    torch.manual_seed(0)
+    n, k, block = 3, 48, 16                                           # 3 blocks a row: odd, padded per row
+    u = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    z = torch.tensor([[1, 9, 14], [3, 12, 6], [15, 0, 7]], dtype=torch.uint8)
+    s = torch.rand(n, 3) + 0.5
+    x = torch.randn(2, k)
+    w = (u.float() - z.float().repeat_interleave(block, 1)) * s.repeat_interleave(block, 1)
+    ref = (x.double() @ w.double().t()).numpy()
+
+    def ort_run(zp: np.ndarray) -> np.ndarray:
+        node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+                                K=k, N=n, bits=4, block_size=block)
+        inits = [numpy_helper.from_array(qops.pack_uint4_blocks(u, block).numpy(), "B"),
+                 numpy_helper.from_array(s.reshape(-1).numpy(), "S"), numpy_helper.from_array(zp, "Z")]
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, k])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, n])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"A": x.numpy()})[0]
+
+    packed = qops.pack_zero_points(z).numpy()
+    assert packed.shape == (3, 2)
+    scale = np.abs(ref).max()
+    assert np.abs(ort_run(packed) - ref).max() <= 1e-5 * scale
+    assert np.abs(qops.matmul_nbits(x, qops.pack_uint4_blocks(u, block), s.reshape(-1), k, n, 4, block,
+                                    torch.from_numpy(packed)).numpy() - ref).max() <= 1e-5 * scale
+    swapped = ((packed >> 4) | (packed << 4)).astype(np.uint8)        # high nibble first: a different matrix
+    assert np.abs(ort_run(swapped) - ref).max() > 0.1 * scale
+    flat = np.append(z.reshape(-1).numpy(), 0)                        # packed across rows: 5 bytes, refused
+    with pytest.raises(Exception, match="zero_points"):
+        ort_run((flat[0::2] | (flat[1::2] << 4)).astype(np.uint8))

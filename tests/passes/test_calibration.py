@@ -7,7 +7,7 @@ from fxopt.ir import ExampleInputs, capture
 from fxopt.ir.meta import CALIB_STATS
 from fxopt.passes import PassFailedError
 from fxopt.passes.base import PreconditionError
-from fxopt.passes.calibration import check_batches, observe, tensor_range
+from fxopt.passes.calibration import channel_rms, check_batches, observe, tensor_range
 
 
 def test_observe_matches_direct_statistics():
@@ -38,6 +38,9 @@ def test_observe_matches_direct_statistics():
     assert torch.allclose(stats.min, allx.amin(0)) and torch.allclose(stats.max, allx.amax(0))
     assert torch.allclose(stats.absmax_per_channel, allx.abs().amax(0))
     assert stats.num_batches == 3 and stats.extra["rows"].shape == (8, 64)
+    # Wanda's per-channel norm, as an RMS over every row of every batch
+    assert int(stats.extra["count"]) == allx.shape[0]
+    assert torch.allclose(channel_rms(stats), allx.double().pow(2).mean(0).sqrt().float(), rtol=1e-6)
     assert CALIB_STATS.get(ln) is stats
     lo, hi = tensor_range(stats, "percentile", 50.0)
     assert lo > float(allx.min()) and hi < float(allx.max())

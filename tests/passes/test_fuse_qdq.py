@@ -1,3 +1,4 @@
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -140,3 +141,55 @@ def test_embedding_bits_option():
     assert res.records[-1].stats["int4_embeddings"] == 0 and count(res.module, qops.GATHER_NBITS) == 0
     with pytest.raises(fxopt.passes.base.PassError, match="embedding_bits must be 8, 4"):
         fxopt.passes.pipeline.resolve("insert-qdq{embedding_bits=3}")
+
+
+class ShiftedMLP(torch.nn.Module):
+    """48 → 32 → 8 with off-centre weights and constant groups; with group=16 the first linear has 3 blocks
+    a row (odd: one padding nibble per row of zero points), the second 2."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(48, 32), torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(32, 48) * 0.05 + 0.04)
+            self.b.weight.copy_(torch.randn(8, 32) * 0.05 - 0.03)
+            self.a.weight[0, :16] = 0.25                    # constant groups
+            self.a.weight[1, 32:] = -0.1
+            self.b.weight[2, :16] = 0.0
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_asymmetric_int4_packs_zero_points_and_runs_in_onnx_runtime(tmp_path):
+    m = ShiftedMLP().eval()
+    x = torch.randn(2, 5, 48)
+    pipe = "insert-qdq{scheme=w4-weight-only,group=16,weight_symmetric=false}"
+    sim = fxopt.optimize(m, pipe, (x,), dynamic=True)
+    fused = fxopt.optimize(sim.module, "fuse-qdq", (x,), dynamic=True)
+    st = fused.records[-1].stats
+    assert st["int4_linears"] == 2 and count(fused.module, torch.ops.aten.linear.default) == 0
+    from fxopt.ir.graph import get_attr
+    nodes = [n for n in fused.module.graph.nodes if n.op == "call_function" and n.target is qops.MATMUL_NBITS]
+    zps = [get_attr(fused.module, n.args[7].target) for n in nodes]
+    assert [tuple(z.shape) for z in zps] == [(32, 2), (8, 1)] and all(z.dtype == torch.uint8 for z in zps)
+    assert {QLINEAR.get(n).scheme for n in nodes} == {"w4-weight-only"}
+    # the zero points are the Q/DQ graph's, packed: unpacking gives them back
+    z_a = get_attr(sim.module, "_qdq.a.weight_zero_point")
+    assert torch.equal(qops.unpack_zero_points(zps[0], 3), z_a) and int(z_a.max()) > 0
+    # the fused graph computes the Q/DQ graph (float summation order aside)
+    x2 = torch.randn(3, 7, 48)
+    ref = outputs(sim.module, (x2,))[0]
+    assert max_abs(outputs(fused.module, (x2,))[0], ref) <= 1e-5 * float(ref.abs().max())
+    rep = fused.export_onnx(tmp_path / "asym4.onnx")
+    assert rep.verified and not rep.quantized and rep.max_rel <= 1e-4
+    got = OrtBackend(rep.path).run((x2,))[0]
+    assert float(np.abs(got - ref.numpy()).max()) <= 1e-4 * float(ref.abs().max())
+    be = OrtBackend(rep.path, optimized_model_path=tmp_path / "opt.onnx")
+    ops = be.optimized_op_types()
+    assert ops.get("MatMulNBits", 0) == 2 and "MatMul" not in ops and "DequantizeLinear" not in ops, ops
+    opt = onnx.load(str(tmp_path / "opt.onnx"))
+    mm = [n for n in opt.graph.node if n.op_type == "MatMulNBits"]
+    assert all(len(n.input) >= 4 and n.input[3] for n in mm)           # zero_points wired in ORT's graph
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in mm} == {4}

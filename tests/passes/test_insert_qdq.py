@@ -244,3 +244,70 @@ def test_attention_decomposition_keeps_fully_masked_rows_zero():
     got = outputs(gm, (q, k, v, m))[0]
     assert bool(torch.isfinite(got).all()) and bool((got[0, :, 1] == 0).all())
     assert max_abs(got, ref) < 1e-5
+
+
+class ShiftedLinear(torch.nn.Module):
+    """Linear(32, 6) whose weights are off-centre (mean 0.05, std 0.03), with a constant and a zero group."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(32, 6)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(6, 32) * 0.03 + 0.05)
+            self.fc.weight[0, :16] = 0.3
+            self.fc.weight[1, 16:] = 0.0
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_asymmetric_w4_matches_the_formula():
+    from tests.ir.test_qops import _asym_reference
+    m = ShiftedLinear().eval()
+    x = torch.randn(3, 32)
+    res = fxopt.optimize(m, "insert-qdq{scheme=w4-weight-only,group=16,weight_symmetric=false}", (x,))
+    assert res.records[-1].stats["quantized"] == 1
+    q = next(n for n in res.module.graph.nodes if n.target is qops.QUANTIZE)
+    assert q.args[3:] == (1, 16, 0, 15)                               # uint4 range, groups of 16 along K
+    from fxopt.ir.graph import get_attr
+    s, z = (get_attr(res.module, a.target) for a in q.args[1:3])
+    s_ref, z_ref, q_ref, w_hat_ref = _asym_reference(m.fc.weight.detach(), 16)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref) and z.dtype == torch.uint8
+    expected = torch.nn.functional.linear(x, w_hat_ref, m.fc.bias.detach())
+    assert max_abs(res.module(x), expected) == 0.0
+    text = "insert-qdq{scheme=w4-weight-only,group=16,weight_symmetric=false}"     # round-trips as pipeline text
+    (p,) = fxopt.passes.pipeline.resolve(text)
+    assert p.weight_symmetric is False and fxopt.passes.pipeline.format_pass(p) == text
+
+
+def test_asymmetric_w4_beats_symmetric_on_shifted_weights_and_max_error_uses_it():
+    from fxopt.passes import _fakequant as fq
+    m = ShiftedLinear().eval()
+    torch.manual_seed(1)
+    x = torch.randn(64, 32)
+    w = m.fc.weight.detach()
+    errs = {}
+    for sym in ("true", "false"):
+        res = fxopt.optimize(m, f"insert-qdq{{scheme=w4-weight-only,group=16,weight_symmetric={sym},max_error=1}}",
+                             (x,), calibration=[(x,)])
+        errs[sym] = res.records[-1].stats["errors"]["fc"]
+        # the sensitivity check simulates the quantizer the graph holds: its error is the graph's error
+        wq = fq.weight_grouped(w, 16) if sym == "true" else fq.weight_grouped_asym(w, 16)
+        assert errs[sym] == round(fq.relative_error(x @ wq.t(), x @ w.t()), 6)
+        got = res.module(x) - m.fc.bias.detach()
+        assert abs(fq.relative_error(got, x @ w.t()) - errs[sym]) < 1e-5
+    assert errs["false"] < 0.5 * errs["true"], errs
+    assert float((fq.weight_grouped_asym(w, 16) - w).norm()) < float((fq.weight_grouped(w, 16) - w).norm())
+
+
+def test_weight_symmetric_false_is_refused_outside_w4():
+    for scheme in ("w8a8-static", "w8a8-dynamic", "w8-weight-only"):
+        with pytest.raises(ValueError, match=f"weight_symmetric=false is supported with scheme=w4-weight-only only, "
+                                             f"not {scheme}: .*symmetric weights"):
+            InsertQDQ(scheme=scheme, weight_symmetric=False)
+    with pytest.raises(fxopt.PassError, match="weight_symmetric=false is supported with scheme=w4-weight-only only"):
+        fxopt.passes.pipeline.resolve("insert-qdq{scheme=w8-weight-only,weight_symmetric=false}")
+    with pytest.raises(fxopt.PassError, match="must be true or false"):
+        fxopt.passes.pipeline.resolve("insert-qdq{scheme=w4-weight-only,weight_symmetric=maybe}")
+    InsertQDQ(scheme="w4-weight-only", weight_symmetric=False)             # the supported combination

@@ -176,3 +176,63 @@ def test_onnx_export_keeps_dense_masked_weights(tiny_gpt, tmp_path):
     # MatMul weights are stored transposed, [in, out], dense with their zeros
     sparse = [a for a in weights if (a == 0).mean() == 0.5 and is_nm_sparse(torch.from_numpy(a.copy()).t(), 2, 4)]
     assert len(sparse) == 8
+
+
+class Spiky(torch.nn.Module):
+    """fc2 reads 16 channels of which 2 carry activations ~40× the rest (an LLM's massive activations)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 8)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.randn(16, 8, generator=g))
+            self.fc2.weight.copy_(torch.randn(8, 16, generator=g))
+        gain = torch.ones(16)
+        gain[[1, 6]] = 40.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)) * self.gain)
+
+
+def _spiky_data(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 8, generator=g),) for _ in range(n)]
+
+
+def test_wanda_score_masks_by_weight_times_input_rms_and_cuts_the_output_error():
+    m = Spiky().eval()
+    calib = _spiky_data()
+    res_w = fxopt.optimize(m, "nm-sparsity{score=wanda}", calib[0], calibration=calib)
+    res_m = fxopt.optimize(m, "nm-sparsity", calib[0])
+    rec = res_w.records[-1]
+    assert rec.status == "ran" and rec.stats["score"] == "wanda" and rec.stats["masked"] == 2
+    # the mask is the N:M mask of |W| · rms(x), rms over all calibration rows of fc2's input
+    h = torch.cat([torch.relu(m.fc1(x)) * m.gain for (x,) in calib])
+    rms = h.double().pow(2).mean(0).sqrt().float()
+    w2 = m.fc2.weight.detach()
+    want = w2 * nm_mask(w2.abs() * rms, 2, 4)
+    got = get_attr(res_w.module, "fc2.weight")
+    assert torch.equal(got, want) and is_nm_sparse(got, 2, 4)
+    assert not torch.equal(got, w2 * nm_mask(w2, 2, 4))           # the spikes change the choice
+    kept_sq = (w2.abs() * rms).double().pow(2)
+    assert rec.stats["kept_saliency_sq"]["fc2"] == pytest.approx(
+        float(kept_sq[got != 0].sum() / kept_sq.sum()), abs=1e-6)
+    # on held-out data the wanda mask's output error is far below magnitude's
+    held = [x for (x,) in _spiky_data(4, seed=1)]
+    err_w = sum(float((res_w.module(x) - m(x)).pow(2).mean()) for x in held)
+    err_m = sum(float((res_m.module(x) - m(x)).pow(2).mean()) for x in held)
+    assert err_w < 0.5 * err_m
+
+
+def test_wanda_score_needs_calibration_and_a_known_score():
+    m = Spiky().eval()
+    x = _spiky_data(1)[0]
+    with pytest.raises(fxopt.passes.PassError, match="calibration"):
+        fxopt.optimize(m, "nm-sparsity{score=wanda}", x)
+    with pytest.raises(ValueError, match="score must be one of magnitude, wanda"):
+        NMSparsity(score="hessian")
+    spec = parse_pipeline("nm-sparsity{score=wanda}")
+    assert format_pipeline(spec) == "nm-sparsity{score=wanda}"

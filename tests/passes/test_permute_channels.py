@@ -201,3 +201,53 @@ def test_without_a_clock_the_search_is_reproducible():
     assert gap_a == gap_b > 0 and len(perms_a) == len(perms_b) == 8          # 4 groups × (producer, consumer)
     assert all(torch.equal(a, b) for a, b in zip(perms_a, perms_b))
     assert res.notes[0].startswith("permuted 4 of 4 searched groups: 2:4 keeps")
+
+
+def test_wanda_objective_is_exact_predicts_the_wanda_mask_and_cuts_the_output_error():
+    from tests.passes.test_nm_sparsity import Spiky, _spiky_data
+    m = Spiky().eval()
+    calib = _spiky_data()
+    pipe = "permute-channels{time_budget=none,score=wanda},nm-sparsity{score=wanda}"
+    res = fxopt.optimize(m, pipe, calib[0], calibration=calib)            # the manager checks exactness of the permutation
+    perm, sparse = res.records[1], res.records[2]
+    assert perm.status == "ran" and perm.modified and perm.stats["objective"] == "Σ(|w|·rms(x))²"
+    # the objective, by hand: fc2's columns scaled by its input RMS, squared
+    h = torch.cat([torch.relu(m.fc1(x)) * m.gain for (x,) in calib])
+    x2 = (m.fc2.weight.detach().abs() * h.double().pow(2).mean(0).sqrt().float()).pow(2)
+    g = perm.stats["groups"]["fc1"]
+    p = PERMUTATION.get(next(li.node for li in linears(res.module) if li.path == "fc2")).perm
+    total = float(x2.double().sum())
+    assert g["kept_before"] == pytest.approx(kept_magnitude(x2, 2, 4) / total, abs=1e-6)
+    assert g["kept_after"] == pytest.approx(kept_magnitude(x2[:, p], 2, 4) / total, abs=1e-6)
+    assert g["kept_after"] > g["kept_before"]
+    # nm-sparsity{score=wanda} on the permuted graph keeps what the search counted as kept
+    assert sparse.stats["kept_saliency_sq"]["fc2"] == pytest.approx(g["kept_after"], abs=1e-6)
+    # and the permuted + masked model is closer to the original than the wanda mask alone, on held-out data
+    plain = fxopt.optimize(m, "nm-sparsity{score=wanda}", calib[0], calibration=calib)
+    held = [x for (x,) in _spiky_data(4, seed=1)]
+    err_p = sum(float((res.module(x) - m(x)).pow(2).mean()) for x in held)
+    err_0 = sum(float((plain.module(x) - m(x)).pow(2).mean()) for x in held)
+    assert err_p < err_0
+
+
+def test_wanda_objective_needs_calibration():
+    from tests.passes.test_nm_sparsity import Spiky, _spiky_data
+    with pytest.raises(PassError, match="calibration"):
+        fxopt.optimize(Spiky().eval(), "permute-channels{score=wanda}", _spiky_data(1)[0])
+    with pytest.raises(ValueError, match="score must be one of"):
+        PermuteChannels(score="l2")
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "mixtral-tiny"])
+def test_dynamic_shape_capture_keeps_the_value_output_groups(name):
+    """Dynamic captures write repeat_kv's ``x[:, :, None]`` with whole-dim slices around the unsqueeze;
+    the V → O groups must still be found (and permuted exactly)."""
+    lm = _load(name)
+    ref = outputs(lm.model, lm.example_inputs)[0]
+    res = fxopt.optimize(lm.model, FAST, lm.example_inputs, dynamic=True)
+    rec = res.records[-1]
+    assert rec.status == "ran" and rec.modified
+    kinds = sorted(g["kind"] for g in rec.stats["groups"].values())
+    assert kinds.count("value-output") == SEARCHED[name][1]
+    assert any(n.target is torch.ops.aten.slice.Tensor for n in res.module.graph.nodes)   # the pattern was there
+    assert max_abs(outputs(res.module, lm.example_inputs)[0], ref) < 1e-5 * max(1.0, float(ref.abs().max()))
