@@ -34,6 +34,7 @@ import torch.fx
 from .. import _io
 from ..ir.graph import ExampleInputs, call, flatten_tensors, parameter_bytes
 from ..ir.meta import CAPTURE
+from .attention import fuse_attention
 from .onnx_ops import OPSET, TRANSLATIONS, check_lowerable
 
 TWO_GB = 2 * 1024**3
@@ -73,7 +74,8 @@ class ExportReport:
 
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any, *,
                 dynamic: bool | dict | None = True, opset: int = OPSET, verify: bool = True,
-                atol: float = 1e-4, rtol: float = 1e-3, min_cos: float = 0.995, check: bool = True) -> ExportReport:
+                atol: float = 1e-4, rtol: float = 1e-3, min_cos: float = 0.995, check: bool = True,
+                fused_attention: bool = True) -> ExportReport:
     """Export ``gm`` to ``path``; returns an :class:`ExportReport`.
 
     ``dynamic=True`` keeps the dynamic axes recorded at capture, ``None``/``False`` exports
@@ -98,11 +100,12 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
     dyn_spec = _dynamic_spec(gm, inputs, dynamic, info)
     output_names = list(info.output_names) if info else None
     external = parameter_bytes(gm) > TWO_GB * 0.9
+    exported, fused, attn_notes = fuse_attention(gm) if fused_attention else (gm, 0, [])
 
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                gm, inputs.args, kwargs=inputs.kwargs or None, dynamo=True, external_data=external,
+                exported, inputs.args, kwargs=inputs.kwargs or None, dynamo=True, external_data=external,
                 dynamic_shapes=dyn_spec, custom_translation_table=TRANSLATIONS, opset_version=opset,
                 output_names=output_names, optimize=True, verbose=False, report=False,
             )
@@ -124,6 +127,9 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
         path=path, bytes=path.stat().st_size, opset=opset, inputs=[i.name for i in model.graph.input],
         outputs=[o.name for o in model.graph.output], ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         seconds=0.0, external_data=external)
+    if fused:
+        report.notes.append(f"{fused} scaled_dot_product_attention → com.microsoft.MultiHeadAttention")
+    report.notes += attn_notes
     report.quantized = _has_quantizers(gm)
     if verify:
         _verify(gm, report, inputs, atol, rtol, min_cos)

@@ -277,3 +277,71 @@ def moe_onnx(x, router_logits, w_in, w_out, top_k: int, norm_topk: bool, gated: 
 
 
 TRANSLATIONS[torch.ops.fxopt.moe.default] = moe_onnx
+
+
+# --------------------------------------------------------------------------- fused attention
+# ``fxopt::attention`` (fxopt.ir.attnops, made from SDPA at export by fxopt.lowering.attention)
+# → ONNX Runtime's ``com.microsoft.MultiHeadAttention``.
+
+from ..ir import attnops  # noqa: E402 - registers torch.ops.fxopt.attention
+
+
+def _register_multi_head_attention_schema() -> None:
+    """MultiHeadAttention (com.microsoft, v1), registered for the exporter as ONNX Runtime defines it."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("MultiHeadAttention", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    opt = OpSchema.FormalParameterOption.Optional
+    onnx.defs.register_schema(OpSchema(
+        "MultiHeadAttention", "com.microsoft", 1,
+        doc="softmax(Q Kᵀ · scale + attention_bias) V per head (ONNX Runtime contrib op).",
+        inputs=[P("query", "T"), P("key", "T", param_option=opt), P("value", "T", param_option=opt),
+                P("bias", "T", param_option=opt), P("key_padding_mask", "M", param_option=opt),
+                P("attention_bias", "T", param_option=opt), P("past_key", "T", param_option=opt),
+                P("past_value", "T", param_option=opt), P("past_sequence_length", "M", param_option=opt),
+                P("cache_indirection", "M", param_option=opt)],
+        # only the output fxopt uses: onnxscript gives a node every output its schema lists
+        outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[A("num_heads", OpSchema.AttrType.INT, ""),
+                    A("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
+                    A("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                    A("unidirectional", OpSchema.AttrType.INT, "", required=False)],
+    ))
+
+
+_register_multi_head_attention_schema()
+
+
+def attention_onnx(q, k, v, mask, scale: float, num_heads: int, mask_kind: int):
+    """``fxopt::attention`` → MultiHeadAttention on [B, S, H·D] views of Q/K/V (see fxopt.ir.attnops)."""
+    flat = op.Constant(value_ints=[0, 0, -1])
+
+    def bsd(x):
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), flat)
+
+    bias = None
+    if mask_kind == attnops.MASK_BOOL:
+        bias = op.Where(mask, op.Constant(value_float=0.0), op.Constant(value_float=attnops.FILL))
+    elif mask_kind == attnops.MASK_ADDITIVE:
+        bias = mask
+    if bias is not None:                       # MultiHeadAttention takes [B|1, H|1, S, T]: broadcast S and T
+        shape = op.Concat(op.Shape(bias, start=0, end=2), op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3),
+                          axis=0)
+        bias = op.Expand(bias, shape)
+    o = _MSFT.MultiHeadAttention(bsd(q), bsd(k), bsd(v), None, None, bias, num_heads=num_heads, scale=float(scale))
+    o = op.Reshape(o, op.Constant(value_ints=[0, 0, num_heads, -1]))          # [B, S, H, Dv]
+    if mask_kind == attnops.MASK_BOOL:         # rows that keep no key are 0, as PyTorch's fused SDPA gives
+        keep = op.ReduceMax(op.Cast(mask, to=1), op.Constant(value_ints=[-1]), keepdims=1)   # [B|1, H|1, S, 1]
+        o = op.Mul(o, op.Transpose(keep, perm=[0, 2, 1, 3]))
+    # the product sits before the transpose, so ORT cancels it against the graph's own head merge
+    return op.Transpose(o, perm=[0, 2, 1, 3])
+
+
+TRANSLATIONS[torch.ops.fxopt.attention.default] = attention_onnx
