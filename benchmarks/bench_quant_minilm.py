@@ -2,17 +2,26 @@
 
 Engines (all ONNX Runtime, CPU, ``--threads`` intra-op threads, graph optimizations "all"):
 
-* **ORT fp32** — ``fxopt.optimize(minilm, "cleanup")`` exported with ``export_onnx``: the baseline;
-* **ORT quantize_dynamic** — ``onnxruntime.quantization.quantize_dynamic`` on that fp32 file
-  (after ``quant_pre_process``), per-channel int8 weights;
+* **ORT fp32** — ``fxopt.optimize(minilm, "cleanup")`` exported with
+  ``export_onnx(fused_attention=False)``: attention as the dynamo exporter writes SDPA (what
+  ``torch.onnx.export`` gives; measured as fast as ``torch.onnx.export``'s own file, ±4 %): the
+  baseline, and the file ORT's quantizers start from;
+* **ORT fp32, fxopt fused attention** — the same graph exported by default, SDPA as ONNX Runtime's
+  ``MultiHeadAttention`` (:mod:`fxopt.lowering.attention`);
+* **ORT quantize_dynamic** — ``onnxruntime.quantization.quantize_dynamic`` on the baseline fp32 file
+  (after ``quant_pre_process``), per-channel int8 weights; and, as an ablation, on the fused-attention
+  file (``ort-dynamic-fa``): what ORT's quantizer would do with fxopt's lowering;
 * **ORT quantize_static** — ``quantize_static`` (QDQ format, MinMax, per-channel, activations
   QUInt8, weights QInt8) with a calibration reader over the same calibration batches fxopt sees;
   ORT's default op set (MatMul incl. attention's, Add, Mul, Gather, Softmax, Where... all
   quantized) and, as a second row, only the linears (``nodes_to_quantize`` = the MatMul/Gemm nodes
   with an initializer weight: the set fxopt quantizes; ``MatMulConstBOnly`` is ignored in QDQ format);
 * **fxopt** — the pipelines in ``VARIANTS`` (W8A8 static ± SmoothQuant, W8A8 dynamic per tensor /
-  per token, int8 / int4 weight-only, int4 symmetric or asymmetric with zero points), each ``optimize(..., calibration=..., dynamic=True)`` then
-  ``export_onnx(verify=False)``.
+  per token, int8 / int4 weight-only, int4 symmetric or asymmetric with zero points), each
+  ``optimize(..., calibration=..., dynamic=True)`` then ``export_onnx(verify=False)`` with its
+  defaults (fused attention; static int8 linears as ``MatMulIntegerToFloat`` with the bias inside,
+  :mod:`fxopt.lowering.qlinear`); ``sq-auto-qdq`` is the same pipeline as ``sq-auto`` exported as
+  plain QDQ with the exporter's SDPA, to separate the lowering's share from the quantization's.
 
 Data (real text, disjoint): calibration = ``--calib`` passages of Hamlet; evaluation = ``--eval``
 passages, half *Paradise Lost*, half the *Sonnets* (1–4 consecutive lines joined). Every batch is
@@ -91,8 +100,12 @@ VARIANTS = [
     ("w4-asym-g128", "fxopt W4 weight-only asym g128",
      "insert-qdq{scheme=w4-weight-only,group=128,weight_symmetric=false},fuse-qdq"),
 ]
-QUICK = ("sq-auto", "sq-auto-att", "static", "dyn-tensor", "w4-g64")
-PROFILED = ("fp32", "ort-dynamic", "ort-static-linears", "sq-auto", "sq-auto-att", "static", "dyn-tensor", "dyn-token", "w8", "w4-g32")
+# Ablation: the same pipeline exported as plain QDQ with the exporter's SDPA (no fxopt lowering rewrites).
+VARIANTS.insert(1, ("sq-auto-qdq", "fxopt W8A8 static + SQ α=auto, plain QDQ export",
+                    "smoothquant{alpha=auto},insert-qdq,fuse-qdq"))
+EXPORT_OPTIONS = {"sq-auto-qdq": dict(fused_attention=False, integer_linears=False)}
+QUICK = ("sq-auto", "sq-auto-qdq", "sq-auto-att", "static", "dyn-tensor", "w4-g64")
+PROFILED = ("fp32", "fp32-fa", "ort-dynamic", "ort-dynamic-fa", "sq-auto-qdq", "ort-static-linears", "sq-auto", "sq-auto-att", "static", "dyn-tensor", "dyn-token", "w8", "w4-g32")
 
 INT_KERNELS = {"MatMulIntegerToFloat": "MMI2F", "DynamicQuantizeMatMul": "DQMM", "QLinearMatMul": "QLMM",
                "MatMulInteger": "MMInt", "MatMulNBits": "NBits", "QAttention": "QAttn", "QGemm": "QGemm"}
@@ -178,7 +191,7 @@ def build_fxopt(eng: Engine, lm, calib, workdir: Path, threads: int) -> None:
     t0 = time.perf_counter()
     res = fxopt.optimize(lm.model, eng.how, calib[0], calibration=calib, dynamic=True)
     eng.path = workdir / f"{eng.key}.onnx"
-    res.export_onnx(eng.path, verify=False)
+    res.export_onnx(eng.path, verify=False, **EXPORT_OPTIONS.get(eng.key, {}))
     eng.build_s = time.perf_counter() - t0
     for r in res.records[1:]:
         if r.status != "ran":
@@ -205,7 +218,7 @@ class _Reader:
 
 def preprocess(fp32: Path, workdir: Path) -> tuple[Path, str]:
     from onnxruntime.quantization import quant_pre_process
-    out = workdir / "fp32_pre.onnx"
+    out = workdir / f"{fp32.stem}_pre.onnx"
     try:
         quant_pre_process(str(fp32), str(out))
         return out, "quant_pre_process ok"
@@ -225,7 +238,7 @@ def build_ort(eng: Engine, src: Path, calib, workdir: Path, threads: int) -> Non
                                           quantize_dynamic, quantize_static)
     t0 = time.perf_counter()
     eng.path = workdir / f"{eng.key}.onnx"
-    if eng.key == "ort-dynamic":
+    if eng.key.startswith("ort-dynamic"):
         quantize_dynamic(str(src), str(eng.path), per_channel=True, weight_type=QuantType.QInt8)
     else:
         names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
@@ -402,7 +415,8 @@ def targets(engines: dict[str, Engine], base: Engine, alt: dict[str, Engine], al
         return "MET" if flag else "MISSED"
 
     dyn = engines.get("ort-dynamic")
-    for key in ("sq-auto", "sq-auto-att", "sq-0.5"):
+    dyn_fa = engines.get("ort-dynamic-fa")
+    for key in ("sq-auto", "sq-auto-qdq", "sq-auto-att", "sq-0.5"):
         e = engines.get(key)
         if not e or e.error or not e.times:
             continue
@@ -418,6 +432,11 @@ def targets(engines: dict[str, Engine], base: Engine, alt: dict[str, Engine], al
             a = alt[key].lat()
             out[-1] += (f" [with {alt_threads} thread(s): {alt['fp32'].lat() / a:.2f}x vs fp32, "
                         f"{alt['ort-dynamic'].lat() / a:.2f}x vs quantize_dynamic]")
+        if dyn_fa is not None and dyn_fa.times:
+            out[-1] += (f"; ablation: {dyn_fa.lat() / e.lat():.2f}x vs quantize_dynamic given fxopt's "
+                        f"fused-attention fp32" + (f" ({alt['ort-dynamic-fa'].lat() / alt[key].lat():.2f}x with "
+                                                   f"{alt_threads} thread(s))" if key in alt and "ort-dynamic-fa" in alt
+                                                   else ""))
     for key in ("w4-g32", "w4-g64", "w4-g128", "w4-asym-g32", "w4-asym-g64", "w4-asym-g128"):
         e = engines.get(key)
         if e and not e.error and e.mib:
@@ -508,16 +527,18 @@ def main(argv: list[str] | None = None) -> int:
                               for b in evals])
 
     engines: list[Engine] = []
-    base = Engine("fp32", "ORT fp32 (fxopt cleanup)", "cleanup")
-    engines.append(base)
-    log("fp32: optimize cleanup + export (verified)")
+    base = Engine("fp32", "ORT fp32 (exporter's SDPA)", "cleanup, export_onnx(fused_attention=False)")
+    fa = Engine("fp32-fa", "ORT fp32, fxopt fused attention", "cleanup, export_onnx() (MultiHeadAttention)")
+    engines += [base, fa]
+    log("fp32: optimize cleanup + export (verified), with the exporter's SDPA and with fused attention")
     t0 = time.perf_counter()
     res = fxopt.optimize(lm.model, "cleanup", calib[0], dynamic=True)
-    base.path = workdir / "fp32.onnx"
-    rep = res.export_onnx(base.path, verify=True)
-    base.build_s = time.perf_counter() - t0
-    base.notes.append(f"export verified: max abs {rep.max_abs:.2g}")
-    base.backend = OrtBackend(base.path, threads=args.threads, opt_level="all")
+    for e, fused in ((base, False), (fa, True)):
+        e.path = workdir / f"{e.key}.onnx"
+        rep = res.export_onnx(e.path, verify=True, fused_attention=fused)
+        e.build_s = time.perf_counter() - t0
+        e.notes.append(f"export verified: max abs {rep.max_abs:.2g}")
+        e.backend = OrtBackend(e.path, threads=args.threads, opt_level="all")
 
     pre_note = ""
     if not args.no_ort_quant:
@@ -537,6 +558,16 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as ex:  # noqa: BLE001
                 e.error = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
                 log(traceback.format_exc())
+        # ablation: ORT's dynamic quantizer given fxopt's fused-attention export instead
+        src_fa, _ = preprocess(fa.path, workdir)
+        e = Engine("ort-dynamic-fa", "ORT quantize_dynamic on fxopt's fused-attention fp32",
+                   "quantize_dynamic(per_channel, QInt8) of the fp32-fa file")
+        engines.append(e)
+        try:
+            build_ort(e, src_fa, calib, workdir, args.threads)
+        except Exception as ex:  # noqa: BLE001
+            e.error = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
+            log(traceback.format_exc())
 
     for key, label, pipe in VARIANTS:
         if key not in keys:
@@ -621,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Optimized ORT op types: " + " | ".join(
         f"{e.key}: " + ", ".join(f"{k} {v}" for k, v in e.ops.items()) for e in engines if e.ops and e.key in
-        ("fp32", "ort-static", "sq-auto", "dyn-tensor")))
+        ("fp32", "fp32-fa", "ort-static", "sq-auto", "dyn-tensor")))
     print(f"\nwall time: {wall:.0f} s")
     log(f"done in {wall:.0f} s")
     if tmp is not None:

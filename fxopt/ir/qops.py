@@ -245,3 +245,27 @@ def pack_rows_nbits(q: Tensor) -> Tensor:
     ``GatherBlockQuantized`` with uint8 data."""
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+# --------------------------------------------------------------------------- integer linear with float output
+
+
+@torch.library.custom_op("fxopt::matmul_integer_to_float", mutates_args=())
+def matmul_integer_to_float(a: Tensor, a_scale: Tensor, a_zero_point: Tensor, b: Tensor, b_scale: Tensor,
+                            bias: Optional[Tensor] = None) -> Tensor:
+    """``((a − z_a)·s_a) @ (b · s_b) + bias`` for an 8-bit activation ``a [..., K]`` quantized per tensor
+    and an int8 weight ``b [K, N]`` with one scale per column (symmetric): what
+    ``DQ(a) @ DQ(b) + bias`` computes, as one op. Its ONNX form is ONNX Runtime's
+    ``MatMulIntegerToFloat`` with the bias inside (made at export by :mod:`fxopt.lowering.qlinear`)."""
+    x = (a.to(torch.float32) - a_zero_point.to(torch.float32)) * a_scale.to(torch.float32)
+    w = b.to(torch.float32) * b_scale.to(torch.float32)
+    y = x @ w
+    return y + bias.to(torch.float32) if bias is not None else y
+
+
+@matmul_integer_to_float.register_fake
+def _matmul_integer_to_float_fake(a, a_scale, a_zero_point, b, b_scale, bias=None):
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
+
+
+MATMUL_INTEGER_TO_FLOAT = torch.ops.fxopt.matmul_integer_to_float.default

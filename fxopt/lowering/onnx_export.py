@@ -35,6 +35,7 @@ from .. import _io
 from ..ir.graph import ExampleInputs, call, flatten_tensors, parameter_bytes
 from ..ir.meta import CAPTURE
 from .attention import fuse_attention
+from .qlinear import fuse_integer_linears
 from .onnx_ops import OPSET, TRANSLATIONS, check_lowerable
 
 TWO_GB = 2 * 1024**3
@@ -75,7 +76,7 @@ class ExportReport:
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any, *,
                 dynamic: bool | dict | None = True, opset: int = OPSET, verify: bool = True,
                 atol: float = 1e-4, rtol: float = 1e-3, min_cos: float = 0.995, check: bool = True,
-                fused_attention: bool = True) -> ExportReport:
+                fused_attention: bool = True, integer_linears: bool = True) -> ExportReport:
     """Export ``gm`` to ``path``; returns an :class:`ExportReport`.
 
     ``dynamic=True`` keeps the dynamic axes recorded at capture, ``None``/``False`` exports
@@ -101,6 +102,7 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
     output_names = list(info.output_names) if info else None
     external = parameter_bytes(gm) > TWO_GB * 0.9
     exported, fused, attn_notes = fuse_attention(gm) if fused_attention else (gm, 0, [])
+    exported, int_linears = fuse_integer_linears(exported) if integer_linears else (exported, 0)
 
     try:
         with _quiet_exporter():
@@ -129,6 +131,8 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
         seconds=0.0, external_data=external)
     if fused:
         report.notes.append(f"{fused} scaled_dot_product_attention → com.microsoft.MultiHeadAttention")
+    if int_linears:
+        report.notes.append(f"{int_linears} static int8 linears → com.microsoft.MatMulIntegerToFloat (bias inside)")
     report.notes += attn_notes
     report.quantized = _has_quantizers(gm)
     if verify:

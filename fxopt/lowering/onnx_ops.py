@@ -345,3 +345,41 @@ def attention_onnx(q, k, v, mask, scale: float, num_heads: int, mask_kind: int):
 
 
 TRANSLATIONS[torch.ops.fxopt.attention.default] = attention_onnx
+
+
+# --------------------------------------------------------------------------- integer linears with the bias inside
+# ``fxopt::matmul_integer_to_float`` (made from fuse-qdq's static int8 linears at export by
+# fxopt.lowering.qlinear) → ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat``.
+
+
+def _register_matmul_integer_to_float_schema() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("MatMulIntegerToFloat", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    opt = OpSchema.FormalParameterOption.Optional
+    onnx.defs.register_schema(OpSchema(
+        "MatMulIntegerToFloat", "com.microsoft", 1,
+        doc="(A − a_zero_point)·a_scale @ (B − b_zero_point)·b_scale + bias, 8-bit inputs, float output.",
+        inputs=[P("A", "T1"), P("B", "T2"), P("a_scale", "T3"), P("b_scale", "T3"),
+                P("a_zero_point", "T1", param_option=opt), P("b_zero_point", "T2", param_option=opt),
+                P("bias", "T3", param_option=opt)],
+        outputs=[P("Y", "T3")],
+        type_constraints=[("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""),
+                          ("T3", ["tensor(float)", "tensor(float16)"], "")],
+    ))
+
+
+_register_matmul_integer_to_float_schema()
+
+
+def matmul_integer_to_float_onnx(a, a_scale, a_zero_point, b, b_scale, bias=None):
+    return _MSFT.MatMulIntegerToFloat(a, b, a_scale, b_scale, a_zero_point, None, bias)
+
+
+TRANSLATIONS[torch.ops.fxopt.matmul_integer_to_float.default] = matmul_integer_to_float_onnx
