@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("output", help="path of the .onnx file to write")
     p.add_argument("--static", action="store_true", help="export static shapes even if captured dynamic")
+    p.add_argument("--no-fused-attention", action="store_true",
+                   help="keep the exporter's SDPA decomposition instead of ONNX Runtime's MultiHeadAttention")
+    p.add_argument("--no-integer-linears", action="store_true",
+                   help="export static int8 linears as plain QDQ instead of MatMulIntegerToFloat with the bias")
 
     sub.add_parser("passes", help="list the registered passes and presets")
 
@@ -174,9 +178,12 @@ def cmd_export(args) -> int:
     from ._io import check_writable
     check_writable(args.output)                  # fail before the (slow) capture and passes
     lm, res = _optimize(args)
-    rep = res.export_onnx(args.output, dynamic=None if args.static else bool(args.dynamic))
+    rep = res.export_onnx(args.output, dynamic=None if args.static else bool(args.dynamic),
+                          fused_attention=not args.no_fused_attention, integer_linears=not args.no_integer_linears)
     print(res.report())
     print(rep)
+    for note in rep.notes:
+        print(f"  - {note}")
     return 0
 
 

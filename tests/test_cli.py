@@ -54,6 +54,15 @@ def test_export(capsys, tmp_path):
     assert dims == ["batch", "seq"]
 
 
+def test_export_lowering_switches(capsys, tmp_path):
+    assert main(["export", "bert-tiny", str(tmp_path / "b.onnx"), "--dynamic"]) == 0
+    assert "scaled_dot_product_attention → com.microsoft.MultiHeadAttention" in capsys.readouterr().out
+    assert any(n.op_type == "MultiHeadAttention" for n in onnx.load(str(tmp_path / "b.onnx")).graph.node)
+    assert main(["export", "bert-tiny", str(tmp_path / "p.onnx"), "--dynamic", "--no-fused-attention"]) == 0
+    assert "MultiHeadAttention" not in capsys.readouterr().out
+    assert not any(n.op_type == "MultiHeadAttention" for n in onnx.load(str(tmp_path / "p.onnx")).graph.node)
+
+
 def test_demo_on_the_builtin_model(capsys, tmp_path):
     assert main(["demo", "--model", "tiny-gpt", "--repeats", "2", "--onnx", str(tmp_path / "d.onnx")]) == 0
     out = capsys.readouterr().out
