@@ -8,7 +8,9 @@
   ``bias = 0`` where kept and the float32 minimum elsewhere (finite, so a row that keeps no key
   makes no NaN), and such rows are multiplied by 0 at the end — the zeros PyTorch's fused
   ``scaled_dot_product_attention`` returns for them;
-* ``mask_kind = 2``: ``mask`` is an additive float bias broadcastable to ``[B, H, S, T]``.
+* ``mask_kind = 2``: ``mask`` is an additive float bias broadcastable to ``[B, H, S, T]``;
+* ``mask_kind = 3``: causal, no mask (SDPA's ``is_causal=True`` with ``S = T``: query ``i`` sees keys
+  ``≤ i``), ONNX Runtime's ``unidirectional=1``.
 
 In PyTorch it runs ``torch.nn.functional.scaled_dot_product_attention`` itself, so replacing an
 eligible SDPA node by it (:func:`fxopt.lowering.attention.fuse_attention`) changes no number except
@@ -23,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE, MASK_CAUSAL = 0, 1, 2, 3
 FILL = float(torch.finfo(torch.float32).min)
 
 
@@ -36,6 +38,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
         return out * mask.any(-1, keepdim=True).to(out.dtype)
     if mask_kind == MASK_ADDITIVE:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask_kind == MASK_CAUSAL:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).clone()
 
 

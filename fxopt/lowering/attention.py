@@ -20,10 +20,11 @@ the caller's graph untouched) by :data:`fxopt.ir.attnops.ATTENTION`, whose PyTor
 
 ORT's transpose optimizer cancels the transposes against the graph's own head split and merge.
 
-Eligible: float32 Q/K/V of rank 4 with the same number of heads (no ``enable_gqa``), no dropout,
-``is_causal=False`` (causal LMs captured with an attention mask pass it as a boolean mask, which is
-eligible), a mask that is absent or of rank 4 (bool or float32). Others stay SDPA, with the reason
-in the export report's notes.
+Eligible: float32 Q/K/V of rank 4 with the same number of heads (no ``enable_gqa``), no dropout, a
+mask that is absent or of rank 4 (bool or float32), or ``is_causal=True`` without a mask and with
+the same query and key length (ORT's ``unidirectional=1``; causal LMs captured with an attention
+mask pass it as a boolean mask instead). Others stay SDPA, with the reason in the export report's
+notes.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import math
 import torch
 import torch.fx
 
-from ..ir.attnops import ATTENTION, MASK_ADDITIVE, MASK_BOOL, MASK_NONE
+from ..ir.attnops import ATTENTION, MASK_ADDITIVE, MASK_BOOL, MASK_CAUSAL, MASK_NONE
 from ..ir.meta import describe
 from ..passes._attention import SDPA, sdpa_options
 
@@ -50,7 +51,10 @@ def why_not(n: torch.fx.Node) -> str | None:
     if opts.get("dropout_p", 0.0) not in (0, 0.0):
         return f"dropout_p={opts['dropout_p']}"
     if opts.get("is_causal", False):
-        return "is_causal=True (no explicit mask)"
+        if opts.get("attn_mask") is not None:
+            return "is_causal=True together with a mask"
+        if not _same_dim(q.shape[2], k.shape[2]):
+            return "is_causal=True with a key length that may differ from the query length"
     if opts.get("enable_gqa", False) or not (q.shape[1] == k.shape[1] == v.shape[1]):
         return "fewer K/V heads than query heads (grouped-query attention inside the op)"
     if not all(isinstance(d, int) for d in (q.shape[1], q.shape[-1], v.shape[-1])):
@@ -63,6 +67,10 @@ def why_not(n: torch.fx.Node) -> str | None:
     elif mask is not None:
         return "the mask is not a graph value"
     return None
+
+
+def _same_dim(a, b) -> bool:
+    return (a == b) is True if not (isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt)) else str(a) == str(b)
 
 
 _VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
@@ -96,7 +104,10 @@ def fuse_attention(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int,
         qv, vv = q.meta["val"], v.meta["val"]
         scale = opts.get("scale") or 1.0 / math.sqrt(qv.shape[-1])
         mask = opts.get("attn_mask")
-        kind = MASK_NONE if mask is None else (MASK_BOOL if mask.meta["val"].dtype == torch.bool else MASK_ADDITIVE)
+        if opts.get("is_causal", False):
+            kind = MASK_CAUSAL
+        else:
+            kind = MASK_NONE if mask is None else (MASK_BOOL if mask.meta["val"].dtype == torch.bool else MASK_ADDITIVE)
         with graph.inserting_before(n):
             a = graph.call_function(ATTENTION, (q, k, v, mask, float(scale), int(qv.shape[1]), kind))
         a.meta.update({key: val for key, val in n.meta.items()})

@@ -335,7 +335,11 @@ def attention_onnx(q, k, v, mask, scale: float, num_heads: int, mask_kind: int):
         shape = op.Concat(op.Shape(bias, start=0, end=2), op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3),
                           axis=0)
         bias = op.Expand(bias, shape)
-    o = _MSFT.MultiHeadAttention(bsd(q), bsd(k), bsd(v), None, None, bias, num_heads=num_heads, scale=float(scale))
+    if mask_kind == attnops.MASK_CAUSAL:
+        o = _MSFT.MultiHeadAttention(bsd(q), bsd(k), bsd(v), num_heads=num_heads, scale=float(scale), unidirectional=1)
+    else:
+        o = _MSFT.MultiHeadAttention(bsd(q), bsd(k), bsd(v), None, None, bias, num_heads=num_heads,
+                                     scale=float(scale))
     o = op.Reshape(o, op.Constant(value_ints=[0, 0, num_heads, -1]))          # [B, S, H, Dv]
     if mask_kind == attnops.MASK_BOOL:         # rows that keep no key are 0, as PyTorch's fused SDPA gives
         keep = op.ReduceMax(op.Cast(mask, to=1), op.Constant(value_ints=[-1]), keepdims=1)   # [B|1, H|1, S, 1]

@@ -67,14 +67,36 @@ def test_exported_multi_head_attention_matches_pytorch(kind, tmp_path):
     assert any(n.target is SDPA for n in gm.graph.nodes)
 
 
-def test_not_eligible_stays_sdpa_with_a_note(tmp_path):
+def test_causal_without_a_mask_is_unidirectional(tmp_path):
     torch.manual_seed(0)
     m = Attn(causal=True).eval()
     x = torch.randn(2, 6, 32)
-    gm = capture(m, (x,))
+    gm = capture(m, (x,), dynamic=True)
+    rep = export_onnx(gm, tmp_path / "c.onnx", (x,))
+    assert rep.verified and rep.max_abs < 1e-5 and rep.notes[0].startswith("1 scaled_dot_product_attention")
+    assert OrtBackend(rep.path).optimized_op_types().get("MultiHeadAttention") == 1
+    x2 = torch.randn(3, 11, 32)                               # other shapes: the causal pattern follows the length
+    got = OrtBackend(rep.path).run((x2,))[0]
+    assert np.abs(got - m(x2).detach().numpy()).max() < 1e-5
+
+
+class CausalMasked(Attn):
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(32, -1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask,
+                                                             dropout_p=0.0, is_causal=False, enable_gqa=False)
+        return o.transpose(1, 2).reshape(b, s, -1)
+
+
+def test_not_eligible_stays_sdpa_with_a_note(tmp_path):
+    torch.manual_seed(0)
+    m = CausalMasked().eval()
+    x, mask = torch.randn(2, 6, 32), torch.ones(6, 6, dtype=torch.bool).tril()     # a rank-2 mask
+    gm = capture(m, (x, mask))
     new, fused, notes = fuse_attention(gm)
-    assert new is gm and fused == 0 and "is_causal=True" in notes[0]
-    rep = export_onnx(gm, tmp_path / "c.onnx", (x,), dynamic=False)
+    assert new is gm and fused == 0 and "rank 4" in notes[0]
+    rep = export_onnx(gm, tmp_path / "c.onnx", (x, mask), dynamic=False)
     assert rep.verified and "MultiHeadAttention" not in OrtBackend(rep.path).optimized_op_types()
 
 
