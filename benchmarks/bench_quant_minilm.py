@@ -99,6 +99,12 @@ VARIANTS = [
      "insert-qdq{scheme=w4-weight-only,group=64,weight_symmetric=false},fuse-qdq"),
     ("w4-asym-g128", "fxopt W4 weight-only asym g128",
      "insert-qdq{scheme=w4-weight-only,group=128,weight_symmetric=false},fuse-qdq"),
+    ("w4-fzp-g32", "fxopt W4 weight-only float-zp g32",
+     "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false,weight_zero_point=float},fuse-qdq"),
+    ("w4-fzp-g64", "fxopt W4 weight-only float-zp g64",
+     "insert-qdq{scheme=w4-weight-only,group=64,weight_symmetric=false,weight_zero_point=float},fuse-qdq"),
+    ("w4-fzp-g128", "fxopt W4 weight-only float-zp g128",
+     "insert-qdq{scheme=w4-weight-only,group=128,weight_symmetric=false,weight_zero_point=float},fuse-qdq"),
 ]
 # Ablation: the same pipeline exported as plain QDQ with the exporter's SDPA (no fxopt lowering rewrites).
 VARIANTS.insert(1, ("sq-auto-qdq", "fxopt W8A8 static + SQ α=auto, plain QDQ export",
@@ -437,7 +443,8 @@ def targets(engines: dict[str, Engine], base: Engine, alt: dict[str, Engine], al
                         f"fused-attention fp32" + (f" ({alt['ort-dynamic-fa'].lat() / alt[key].lat():.2f}x with "
                                                    f"{alt_threads} thread(s))" if key in alt and "ort-dynamic-fa" in alt
                                                    else ""))
-    for key in ("w4-g32", "w4-g64", "w4-g128", "w4-asym-g32", "w4-asym-g64", "w4-asym-g128"):
+    for key in ("w4-g32", "w4-g64", "w4-g128", "w4-asym-g32", "w4-asym-g64", "w4-asym-g128",
+                "w4-fzp-g32", "w4-fzp-g64", "w4-fzp-g128"):
         e = engines.get(key)
         if e and not e.error and e.mib:
             out.append(f"{e.label}: file {e.mib / base.mib:.3f}x fp32 (target <= {TARGETS['size_w4']}) "

@@ -70,6 +70,18 @@ VARIANTS = [
     ("dyn-token", "W8A8 dynamic per-token", "insert-qdq{scheme=w8a8-dynamic},fuse-qdq"),
     ("dyn-token-sq", "W8A8 dynamic per-token + SQ auto (dynamic search)",
      "smoothquant{alpha=auto,search=dynamic},insert-qdq{scheme=w8a8-dynamic},fuse-qdq"),
+    # weight-only int4: the checkpoint is Q4_1 (asymmetric 4-bit, blocks of 32), so zero points can match its grid
+    ("w4-g32", "W4 weight-only g32, symmetric", "insert-qdq{scheme=w4-weight-only,group=32},fuse-qdq"),
+    ("w4-asym-g32", "W4 weight-only g32, asymmetric (zero points)",
+     "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false},fuse-qdq"),
+    ("w4-fzp-g32", "W4 weight-only g32, float zero points (min-max affine)",
+     "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false,weight_zero_point=float},fuse-qdq"),
+    ("w4-fzp-g32-head", "W4 weight-only g32, float zero points, lm_head float",
+     "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false,weight_zero_point=float,exclude=lm_head},"
+     "fuse-qdq"),
+    ("w4-g128", "W4 weight-only g128, symmetric", "insert-qdq{scheme=w4-weight-only,group=128},fuse-qdq"),
+    ("w4-asym-g128", "W4 weight-only g128, asymmetric (zero points)",
+     "insert-qdq{scheme=w4-weight-only,group=128,weight_symmetric=false},fuse-qdq"),
 ]
 DEFAULT = tuple(k for k, _, _ in VARIANTS)
 QUICK = ("static", "sq-auto", "dyn-token")

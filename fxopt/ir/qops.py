@@ -139,6 +139,47 @@ QUANTIZE_PER_TOKEN = torch.ops.fxopt.quantize_per_token.default
 DEQUANTIZE_PER_TOKEN = torch.ops.fxopt.dequantize_per_token.default
 
 
+# --------------------------------------------------------------------------- float zero points (min-max affine groups)
+
+
+def _affine_expand(t: Tensor, block_size: int, k: int) -> Tensor:
+    return t.to(torch.float32).repeat_interleave(block_size, dim=-1)[..., :k]
+
+
+@torch.library.custom_op("fxopt::quantize_affine", mutates_args=())
+def quantize_affine(w: Tensor, scale: Tensor, zero_point: Tensor, block_size: int, quant_max: int) -> Tensor:
+    """Group-wise affine quantization with a *float* zero point, along the last dim in blocks of
+    ``block_size``: ``q = clamp(round(w / s + z), 0, quant_max)`` (uint8). With ``s = (max − min)/15``
+    and ``z = −min/s`` every group's minimum and maximum are exact grid points (llama.cpp's Q4_1,
+    HQQ): ``ŵ = (q − z)·s = q·s + min``. ONNX has no ``QuantizeLinear`` with a float zero point;
+    the ONNX form is written out (and ``fuse-qdq`` evaluates it on constants)."""
+    k = w.shape[-1]
+    sf, zf = _affine_expand(scale, block_size, k), _affine_expand(zero_point, block_size, k)
+    return torch.clamp(torch.round(w.to(torch.float32) / sf + zf), 0, quant_max).to(torch.uint8)
+
+
+@quantize_affine.register_fake
+def _quantize_affine_fake(w, scale, zero_point, block_size, quant_max):
+    return torch.empty_like(w, dtype=torch.uint8)
+
+
+@torch.library.custom_op("fxopt::dequantize_affine", mutates_args=())
+def dequantize_affine(q: Tensor, scale: Tensor, zero_point: Tensor, block_size: int) -> Tensor:
+    """``(q − z)·s`` per group of ``block_size`` along the last dim, ``z`` a float zero point
+    (the dequantization ONNX Runtime's ``MatMulNBits`` applies with float ``zero_points``)."""
+    k = q.shape[-1]
+    return (q.to(torch.float32) - _affine_expand(zero_point, block_size, k)) * _affine_expand(scale, block_size, k)
+
+
+@dequantize_affine.register_fake
+def _dequantize_affine_fake(q, scale, zero_point, block_size):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+QUANTIZE_AFFINE = torch.ops.fxopt.quantize_affine.default
+DEQUANTIZE_AFFINE = torch.ops.fxopt.dequantize_affine.default
+
+
 # --------------------------------------------------------------------------- packed low-bit weights
 
 
@@ -200,11 +241,14 @@ def matmul_nbits(x: Tensor, packed: Tensor, scales: Tensor, k: int, n: int, bits
     """``x @ Wᵀ`` with ``W[i, j] = (u[i, j] − z[i, j // block]) · scales[i, j // block]`` stored packed
     (``MatMulNBits``): ``u`` the stored 4-bit values in ``[0, 15]``; ``z`` = 8 without ``zero_points``
     (symmetric int4), else the per-block zero points unpacked from ``zero_points`` (uint8
-    ``[N, ceil(n_blocks/2)]``, see :func:`pack_zero_points`)."""
+    ``[N, ceil(n_blocks/2)]``, see :func:`pack_zero_points`) or, when ``zero_points`` is a float
+    tensor, taken as they are (``[N · n_blocks]``, one float zero point per block, not packed)."""
     u = unpack_uint4(packed, k).to(torch.float32)
     n_blocks = -(-k // block_size)
     if zero_points is None:
         z = torch.full((n, n_blocks), 8.0)
+    elif zero_points.is_floating_point():             # float zero points, one per block, not packed
+        z = zero_points.reshape(n, n_blocks).to(torch.float32)
     else:
         z = unpack_zero_points(zero_points.reshape(n, -1), n_blocks).to(torch.float32)
     z = z.repeat_interleave(block_size, dim=1)[:, :k]

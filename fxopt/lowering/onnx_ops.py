@@ -147,6 +147,32 @@ def matmul_nbits_onnx(x, packed, scales, k: int, n: int, bits: int, block_size: 
 TRANSLATIONS[torch.ops.fxopt.matmul_nbits.default] = matmul_nbits_onnx
 
 
+def _blocks(x, block_size: int):
+    """[..., K] → [..., K/block, block] (K a multiple of the block, as insert-qdq guarantees)."""
+    return op.Reshape(x, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[-1, block_size]), axis=0))
+
+
+def quantize_affine_onnx(w, scale, zero_point, block_size: int, quant_max: int):
+    """``clamp(round(w/s + z), 0, q_max)`` per block, written out (no ONNX op takes a float zero point);
+    on a constant weight ONNX Runtime folds it at load."""
+    wb = _blocks(w, block_size)
+    q = op.Add(op.Div(wb, op.Unsqueeze(scale, op.Constant(value_ints=[-1]))),
+               op.Unsqueeze(zero_point, op.Constant(value_ints=[-1])))
+    q = op.Clip(op.Round(q), op.Constant(value_float=0.0), op.Constant(value_float=float(quant_max)))
+    return op.Cast(op.Reshape(q, op.Shape(w)), to=2)                      # uint8
+
+
+def dequantize_affine_onnx(q, scale, zero_point, block_size: int):
+    qb = op.Cast(_blocks(q, block_size), to=1)
+    w = op.Mul(op.Sub(qb, op.Unsqueeze(zero_point, op.Constant(value_ints=[-1]))),
+               op.Unsqueeze(scale, op.Constant(value_ints=[-1])))
+    return op.Reshape(w, op.Shape(q))
+
+
+TRANSLATIONS[torch.ops.fxopt.quantize_affine.default] = quantize_affine_onnx
+TRANSLATIONS[torch.ops.fxopt.dequantize_affine.default] = dequantize_affine_onnx
+
+
 def _register_gather_block_quantized_schema() -> None:
     """GatherBlockQuantized (com.microsoft, v1): gather rows of a block-quantized table (4-bit
     embeddings), registered for the exporter as ONNX Runtime defines it."""

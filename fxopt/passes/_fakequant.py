@@ -49,6 +49,27 @@ def weight_grouped_asym(w: torch.Tensor, group: int, qmax: int = 15) -> torch.Te
     return ((torch.clamp(torch.round(g / s) + z, 0, qmax) - z) * s).reshape(n, k)
 
 
+def grouped_affine_qparams(w: torch.Tensor, group: int, qmax: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max affine groups with a float zero point (llama.cpp Q4_1, HQQ), ``[N, K/group]`` each:
+    ``s = (max W_g − min W_g)/qmax``, ``z = −min W_g / s`` (not rounded), so the group's minimum and
+    maximum are grid points. A constant group ``c`` gets ``s = 1e-12`` and ``z = −c/s``: every value
+    quantizes to 0 and dequantizes to ``c`` (up to float rounding)."""
+    n, k = w.shape
+    g = w.detach().to(torch.float32).reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)
+    return scale, -lo / scale
+
+
+def weight_grouped_affine(w: torch.Tensor, group: int, qmax: int = 15) -> torch.Tensor:
+    """``Ŵ = (clamp(round(W/s + z), 0, qmax) − z)·s`` with :func:`grouped_affine_qparams`."""
+    n, k = w.shape
+    scale, zp = grouped_affine_qparams(w, group, qmax)
+    s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
+    g = w.to(torch.float32).reshape(n, k // group, group)
+    return ((torch.clamp(torch.round(g / s + z), 0, qmax) - z) * s).reshape(n, k)
+
+
 def act_affine(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 

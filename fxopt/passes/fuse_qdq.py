@@ -17,7 +17,10 @@ Rewrite rules, in order:
    two values a byte, zero point 8). An asymmetric uint4 weight ``DQ(W_u, s, z, axis=1, block)``
    (values and zero points in ``[0, 15]``, ``insert-qdq{weight_symmetric=false}``) is packed as
    stored and its zero points go to ``matmul_nbits``'s ``zero_points`` input: uint8
-   ``[N, ceil(n_blocks/2)]``, two 4-bit zero points a byte, low nibble first.
+   ``[N, ceil(n_blocks/2)]``, two 4-bit zero points a byte, low nibble first. Min-max affine groups
+   with float zero points (``insert-qdq{weight_zero_point=float}``: ``quantize_affine`` /
+   ``dequantize_affine``) are pre-quantized the same way (rule 1) and packed with their float zero
+   points as they are (``MatMulNBits`` reads a float ``zero_points`` input unpacked, one per block).
 
 Each rewritten linear is marked with :data:`fxopt.ir.meta.QLINEAR` (scheme, weight, activation
 form) for backends. The dequantized weights are bit-identical to the fake-quantized ones, but the
@@ -57,7 +60,8 @@ class FuseQDQ(Pass):
     summary: ClassVar[str] = "pre-quantize weights to int8/int4 constants, drop redundant Q/DQ, form integer linears"
 
     def requires(self, gm, ctx: PassContext) -> None:
-        if not any(_is(n, qops.QUANTIZE) or _is(n, qops.DEQUANTIZE) for n in gm.graph.nodes):
+        if not any(_is(n, qops.QUANTIZE) or _is(n, qops.DEQUANTIZE) or _is(n, qops.DEQUANTIZE_AFFINE)
+                   for n in gm.graph.nodes):
             raise NotApplicable("the graph has no fxopt Q/DQ nodes")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -68,6 +72,16 @@ class FuseQDQ(Pass):
             if _is(n, qops.QUANTIZE) and _const(n.args[0]) and _const(n.args[1]) and _const(n.args[2]):
                 w, s, z = (get_attr(gm, a.target) for a in n.args[:3])
                 q = qops.quantize(w.detach(), s, z, *n.args[3:7])
+                const = add_constant(gm, f"{n.args[0].target}_q", q, before=n)
+                PROVENANCE.set(const, self.name)
+                n.replace_all_uses_with(const)
+                g.erase_node(n)
+                stats["weights_prequantized"] += 1
+        # 1b. the same for float-zero-point (min-max affine) int4 groups
+        for n in list(g.nodes):
+            if _is(n, qops.QUANTIZE_AFFINE) and all(_const(a) for a in n.args[:3]):
+                w, s, z = (get_attr(gm, a.target) for a in n.args[:3])
+                q = qops.quantize_affine(w.detach(), s, z, *n.args[3:5])
                 const = add_constant(gm, f"{n.args[0].target}_q", q, before=n)
                 PROVENANCE.set(const, self.name)
                 n.replace_all_uses_with(const)
@@ -92,6 +106,9 @@ class FuseQDQ(Pass):
                 continue
             x, wd = n.args[0], n.args[1]
             bias = n.args[2] if len(n.args) > 2 else None
+            if _is(wd, qops.DEQUANTIZE_AFFINE) and all(_const(a) for a in wd.args[:3]):
+                self._affine_int4(gm, n, x, wd, bias, stats)
+                continue
             if not (_is(wd, qops.DEQUANTIZE) and _const(wd.args[0])):
                 continue
             wq = get_attr(gm, wd.args[0].target)
@@ -176,6 +193,34 @@ class FuseQDQ(Pass):
             g.eliminate_dead_code()
             stats["bytes_freed"] = delete_unused_attrs(gm)[1]
         return PassResult(gm, changed, stats=stats)
+
+    def _affine_int4(self, gm, n, x, wd, bias, stats) -> None:
+        """``linear(x, dequantize_affine(q, s, z, block), b)`` (float zero points) → ``matmul_nbits`` with
+        float ``zero_points`` (one per block, not packed) ``+ b``."""
+        g = gm.graph
+        wq, s_w, z_w = (get_attr(gm, a.target) for a in wd.args[:3])
+        block = wd.args[3]
+        if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] % block or int(wq.max()) > 15:
+            return
+        k, nout = wq.shape[1], wq.shape[0]
+        path = module_path(n)
+        with g.inserting_before(n):
+            packed = add_constant(gm, f"{wd.args[0].target}_nbits", qops.pack_uint4_blocks(wq, block), before=n)
+            scales = add_constant(gm, f"{wd.args[0].target}_nbits_scale", s_w.to(torch.float32).reshape(-1).contiguous(),
+                                  before=n)
+            zps = add_constant(gm, f"{wd.args[0].target}_nbits_zero_points", z_w.to(torch.float32).reshape(-1).contiguous(),
+                               before=n)
+            out = marked = g.call_function(qops.MATMUL_NBITS, (x, packed, scales, k, nout, 4, block, zps))
+            if bias is not None:
+                out = g.call_function(aten.add.Tensor, (out, bias))
+        for m in {marked, out}:
+            m.meta["val"] = n.meta.get("val")
+            PROVENANCE.set(m, self.name)
+            SOURCE_PATH.set(m, path)
+        QLINEAR.set(marked, QuantizedLinear("w4-weight-only", packed.target, path, "", block))
+        n.replace_all_uses_with(out)
+        g.erase_node(n)
+        stats["int4_linears"] += 1
 
 
 def _activation_form(x) -> str:

@@ -30,6 +30,13 @@ integer kernels. Schemes:
     other schemes lower to (ORT's u8×s8 ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``, torch's
     x86 qlinear) take symmetric weights, so ``weight_symmetric=false`` with them is a ``ValueError``.
     Embedding tables stay symmetric (``GatherBlockQuantized`` without zero points).
+    ``weight_zero_point=float`` (with ``weight_symmetric=false``) makes the zero point a float, not
+    an integer: ``s = (max W_g − min W_g)/15``, ``z = −min W_g / s``, ``q = clamp(round(W/s + z), 0, 15)``,
+    ``Ŵ = (q − z)·s = q·s + min W_g`` — min-max affine groups, llama.cpp's Q4_1 and HQQ's form, which
+    ``MatMulNBits`` takes as float ``zero_points``. Both ends of every group are exact (no widening to
+    0); a checkpoint already on such a grid (SmolLM2's Q4_1 GGUF, groups of 32) is reproduced exactly.
+    The pair is ``fxopt::quantize_affine`` / ``fxopt::dequantize_affine`` (ONNX has no
+    ``QuantizeLinear`` with a float zero point).
 
 Embedding tables (``embeddings=true``, the default) are stored int8 per row: the rows a lookup
 gathers are dequantized with their gathered scales, ``E[ids] ≈ q[ids] · s[ids]`` — in MiniLM the
@@ -94,6 +101,7 @@ class InsertQDQ(Pass):
     attention: bool = False
     sample_rows: int = 512
     weight_symmetric: bool = True
+    weight_zero_point: str = "int"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -106,6 +114,11 @@ class InsertQDQ(Pass):
             raise ValueError("group must be 16, 32, 64, 128 or 256")
         if self.embedding_bits not in (0, 4, 8):
             raise ValueError("embedding_bits must be 8, 4, or 0 (4 with scheme=w4-weight-only, else 8)")
+        if self.weight_zero_point not in ("int", "float"):
+            raise ValueError(f"weight_zero_point must be 'int' or 'float'; got {self.weight_zero_point!r}")
+        if self.weight_zero_point == "float" and (self.weight_symmetric or self.scheme != "w4-weight-only"):
+            raise ValueError("weight_zero_point=float needs scheme=w4-weight-only and weight_symmetric=false: float "
+                             "zero points are ONNX Runtime MatMulNBits' min-max affine groups (llama.cpp Q4_1 style)")
         if not self.weight_symmetric and self.scheme != "w4-weight-only":
             raise ValueError(
                 f"weight_symmetric=false is supported with scheme=w4-weight-only only, not {self.scheme}: the int8 "
@@ -274,6 +287,8 @@ class InsertQDQ(Pass):
         w = get_attr(gm, li.weight).detach().to(torch.float32)
         wnode = li.node.args[1]
         base = f"_qdq.{_safe(li.path)}.weight"
+        if self.scheme == "w4-weight-only" and self.weight_zero_point == "float":
+            return self._fake_quant_weight_affine(gm, li, w, wnode, base)
         if self.scheme == "w4-weight-only" and not self.weight_symmetric:
             scale, zp = fq.grouped_asym_qparams(w, self.group)           # uint8 zero points in [0, 15]
             axis, block, qmin, qmax, gran = 1, self.group, 0, 15, "per_group"
@@ -295,6 +310,23 @@ class InsertQDQ(Pass):
         q.meta["val"] = torch.empty(w.shape, dtype=zp.dtype)
         dq.meta["val"] = torch.empty(w.shape, dtype=torch.float32)
         QSPEC.set(q, QuantSpec(zp.dtype, qmin, qmax, gran, axis=axis, group_size=block, symmetric=zp.dtype == torch.int8))
+        for n in (q, dq):
+            PROVENANCE.set(n, self.name)
+            SOURCE_PATH.set(n, li.path)
+        return dq
+
+    def _fake_quant_weight_affine(self, gm, li: LinearInfo, w: torch.Tensor, wnode, base: str) -> torch.fx.Node:
+        """Min-max affine int4 groups with float zero points: ``quantize_affine`` → ``dequantize_affine``."""
+        scale, zp = fq.grouped_affine_qparams(w, self.group)
+        s = add_constant(gm, base + "_scale", scale, before=li.node)
+        z = add_constant(gm, base + "_zero_point", zp, before=li.node)
+        g = gm.graph
+        with g.inserting_before(li.node):
+            q = g.call_function(qops.QUANTIZE_AFFINE, (wnode, s, z, self.group, 15))
+            dq = g.call_function(qops.DEQUANTIZE_AFFINE, (q, s, z, self.group))
+        q.meta["val"] = torch.empty(w.shape, dtype=torch.uint8)
+        dq.meta["val"] = torch.empty(w.shape, dtype=torch.float32)
+        QSPEC.set(q, QuantSpec(torch.uint8, 0, 15, "per_group", axis=1, group_size=self.group, symmetric=False))
         for n in (q, dq):
             PROVENANCE.set(n, self.name)
             SOURCE_PATH.set(n, li.path)
@@ -399,7 +431,9 @@ class InsertQDQ(Pass):
     def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st) -> float:
         w = get_attr(gm, li.weight).detach().to(torch.float32)
         exact = rows @ w.t()
-        if self.scheme == "w4-weight-only":
+        if self.scheme == "w4-weight-only" and self.weight_zero_point == "float":
+            wq = fq.weight_grouped_affine(w, self.group)
+        elif self.scheme == "w4-weight-only":
             wq = fq.weight_grouped(w, self.group) if self.weight_symmetric else fq.weight_grouped_asym(w, self.group)
         else:
             wq = fq.weight_per_channel(w)

@@ -145,3 +145,27 @@ def test_zero_point_packing_round_trips_and_defaults_to_8():
     assert torch.equal(sym, qops.matmul_nbits(x, packed_w, s, 48, 6, 4, 16, eights))
     w = q.to(torch.float32) * s.reshape(6, 3).repeat_interleave(16, 1)
     assert torch.equal(sym, x @ w.t())
+
+
+def test_affine_float_zero_point_ops_match_the_formula():
+    from fxopt.passes import _fakequant as fq
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 8, generator=g) + 0.5
+    w[1, 4:] = 2.0                                              # a constant group
+    s, z = fq.grouped_affine_qparams(w, 4)
+    q = qops.quantize_affine(w, s, z, 4, 15)
+    for r in range(3):
+        for b in range(2):
+            grp = w[r, 4 * b:4 * b + 4]
+            lo, hi = float(grp.min()), float(grp.max())
+            sc = max((hi - lo) / 15, 1e-12)
+            assert float(s[r, b]) == pytest.approx(sc, rel=1e-6) and float(z[r, b]) == pytest.approx(-lo / sc, rel=1e-6)
+            want = torch.clamp(torch.round(grp / s[r, b] + z[r, b]), 0, 15)
+            assert torch.equal(q[r, 4 * b:4 * b + 4].to(torch.float32), want)
+    wd = qops.dequantize_affine(q, s, z, 4)
+    assert torch.allclose(wd, fq.weight_grouped_affine(w, 4), atol=1e-6)
+    # both ends of every group are exact grid points; the constant group comes back as itself
+    ends = torch.stack([w.view(3, 2, 4).amin(-1), w.view(3, 2, 4).amax(-1)])
+    got = torch.stack([wd.view(3, 2, 4).amin(-1), wd.view(3, 2, 4).amax(-1)])
+    assert torch.allclose(got, ends, atol=1e-5)
+    assert torch.allclose(wd[1, 4:], torch.full((4,), 2.0), atol=1e-5)

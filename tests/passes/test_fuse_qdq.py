@@ -7,7 +7,9 @@ import fxopt
 from fxopt import models
 from fxopt.backends import OrtBackend
 from fxopt.ir import qops
+from fxopt.ir import get_attr
 from fxopt.ir.meta import QLINEAR
+from fxopt.passes.insert_qdq import InsertQDQ
 from tests.helpers import count, hamlet_lines, max_abs, outputs
 
 
@@ -193,3 +195,60 @@ def test_asymmetric_int4_packs_zero_points_and_runs_in_onnx_runtime(tmp_path):
     mm = [n for n in opt.graph.node if n.op_type == "MatMulNBits"]
     assert all(len(n.input) >= 4 and n.input[3] for n in mm)           # zero_points wired in ORT's graph
     assert {next(a.i for a in n.attribute if a.name == "bits") for n in mm} == {4}
+
+
+class _TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(64, 32)
+        self.b = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _on_q4_1_grid(m):
+    """Put ``m.a``'s weight on llama.cpp Q4_1's grid: per 32 input columns, ``w = min + d·q``, ``d = (max − min)/15``."""
+    with torch.no_grad():
+        w = m.a.weight.view(32, 2, 32)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        d = (hi - lo) / 15
+        m.a.weight.copy_((torch.round((w - lo) / d).clamp(0, 15) * d + lo).view(32, 64))
+    return m
+
+
+def test_float_zero_points_reproduce_a_q4_1_grid_and_run_in_onnx_runtime(tmp_path):
+    m = _on_q4_1_grid(_TwoLayer().eval())
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    ref = m(x).detach()
+    fzp = "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false,weight_zero_point=float,include=a}"
+    izp = "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false,include=a}"
+    qdq = fxopt.optimize(m, fzp, (x,))
+    fused = fxopt.optimize(m, fzp + ",fuse-qdq", (x,))
+    int_zp = fxopt.optimize(m, izp + ",fuse-qdq", (x,))
+    assert count(qdq.module, qops.QUANTIZE_AFFINE) == 1 and count(qdq.module, qops.DEQUANTIZE_AFFINE) == 1
+    # the grid is reproduced: both ends of every group are grid points, so the error is float rounding only
+    assert max_abs(qdq.module(x), ref) < 1e-5 and max_abs(fused.module(x), ref) < 1e-5
+    assert max_abs(int_zp.module(x), ref) > 1e-3                    # integer zero points cannot hit the offsets
+    mm = [n for n in fused.module.graph.nodes if n.target is qops.MATMUL_NBITS]
+    assert len(mm) == 1 and get_attr(fused.module, mm[0].args[7].target).dtype == torch.float32
+    assert fused.records[-1].stats["int4_linears"] == 1
+    # ONNX: MatMulNBits with float zero points, ORT's result equal to the graph's
+    rep = fused.export_onnx(tmp_path / "fzp.onnx", dynamic=False)
+    assert rep.verified and rep.max_abs < 1e-5
+    ops = OrtBackend(rep.path).optimized_op_types()
+    assert ops.get("MatMulNBits") == 1, ops
+    zp_inputs = [nd.input[3] for nd in onnx.load(str(rep.path)).graph.node if nd.op_type == "MatMulNBits"]
+    inits = {i.name: i for i in onnx.load(str(rep.path)).graph.initializer}
+    assert inits[zp_inputs[0]].data_type == onnx.TensorProto.FLOAT
+    # the unfused Q/DQ form exports too (written out; ORT folds it on the constant weight)
+    rep2 = qdq.export_onnx(tmp_path / "fzp-qdq.onnx", dynamic=False)
+    assert rep2.verified and rep2.max_abs < 1e-5
+
+
+def test_float_zero_point_option_is_validated():
+    with pytest.raises(ValueError, match="weight_zero_point=float needs"):
+        InsertQDQ(scheme="w4-weight-only", weight_zero_point="float")
+    with pytest.raises(ValueError, match="weight_zero_point must be"):
+        InsertQDQ(scheme="w4-weight-only", weight_symmetric=False, weight_zero_point="half")
