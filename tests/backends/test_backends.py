@@ -7,6 +7,11 @@ from fxopt.ir import capture
 from fxopt.lowering import export_onnx
 
 
+def _compute_nodes(ops: dict[str, int]) -> int:
+    """Nodes that compute (a Reshape only relabels a tensor's shape)."""
+    return sum(v for k, v in ops.items() if k != "Reshape")
+
+
 @pytest.fixture
 def exported(tiny_gpt, tmp_path):
     gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
@@ -28,7 +33,8 @@ def test_ort_options_and_optimized_graph(exported, tmp_path):
     ops = ort.optimized_op_types()
     assert ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) + ops.get("Gemm", 0) > 0
     plain = OrtBackend(rep.path, opt_level="disable").optimized_op_types()
-    assert sum(plain.values()) >= sum(ops.values())           # ORT's fusions only shrink the graph
+    # ORT's fusions shrink the graph; its MatMul+Add → Gemm fusion adds free Reshapes around each Gemm
+    assert _compute_nodes(plain) > _compute_nodes(ops)
     ref = lm.model(*lm.example_inputs).detach().numpy()
     assert np.abs(ort.run(lm.example_inputs)[0] - ref).max() < 1e-4
     assert np.abs(ort.run({"idx": lm.example_inputs[0]})[0] - ref).max() < 1e-4
@@ -48,4 +54,4 @@ def test_optimized_op_types_honours_the_level(exported):
     _, rep, _ = exported
     plain = OrtBackend(rep.path, opt_level="disable").optimized_op_types()
     full = OrtBackend(rep.path, opt_level="all").optimized_op_types()
-    assert sum(plain.values()) > sum(full.values())
+    assert _compute_nodes(plain) > _compute_nodes(full)
