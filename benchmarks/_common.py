@@ -43,3 +43,16 @@ def render_table(head: list[str], body: list[list[str]], markdown: bool, *, left
     for r in body:
         out.append(line(r) if len(r) == len(head) else line(r[:1]) + "  " + r[1])
     return "\n".join(out)
+
+
+def run_with_hooks(model, hooks, batches) -> None:
+    """Run ``model(**b)`` on every batch (no grad) with the given hook handles installed, then remove them."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+    finally:
+        for h in hooks:
+            h.remove()

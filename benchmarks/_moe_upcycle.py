@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from _common import run_with_hooks
+
 from fxopt.nn import MoELayer
 
 
@@ -67,13 +69,7 @@ def mlp_inputs(model: nn.Module, layers: list[int], batches: list[dict[str, torc
         return fn
 
     hs = [model.model.layers[i].mlp.register_forward_pre_hook(hook(i)) for i in layers]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in hs:
-            h.remove()
+    run_with_hooks(model, hs, batches)
     return {i: torch.cat(v) for i, v in acc.items()}
 
 

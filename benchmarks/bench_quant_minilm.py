@@ -468,6 +468,12 @@ def param_breakdown(model) -> str:
             f"{ratio(0.5, 0.5):.3f}x")
 
 
+def _failure(ex: Exception) -> str:
+    """One table cell for a failed engine (its row still prints; the others still run)."""
+    log(traceback.format_exc())
+    return f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -563,8 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 build_ort(e, src, calib, workdir, args.threads)
             except Exception as ex:  # noqa: BLE001
-                e.error = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
-                log(traceback.format_exc())
+                e.error = _failure(ex)
         # ablation: ORT's dynamic quantizer given fxopt's fused-attention export instead
         src_fa, _ = preprocess(fa.path, workdir)
         e = Engine("ort-dynamic-fa", "ORT quantize_dynamic on fxopt's fused-attention fp32",
@@ -573,8 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build_ort(e, src_fa, calib, workdir, args.threads)
         except Exception as ex:  # noqa: BLE001
-            e.error = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
-            log(traceback.format_exc())
+            e.error = _failure(ex)
 
     for key, label, pipe in VARIANTS:
         if key not in keys:
@@ -585,8 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build_fxopt(e, lm, calib, workdir, args.threads)
         except Exception as ex:  # noqa: BLE001
-            e.error = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
-            log(traceback.format_exc())
+            e.error = _failure(ex)
 
     live = [e for e in engines if e.backend is not None]
     for e in live:
@@ -595,9 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             e.cos = cosines(ort_embeddings(e, evals), ref)
             e.ops = e.backend.optimized_op_types()
         except Exception as ex:  # noqa: BLE001
-            e.error = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}".replace("|", "/")
+            e.error = _failure(ex)
             e.backend = None
-            log(traceback.format_exc())
 
     timing_batch = evals[0]
     alt: dict[str, Engine] = {}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import fxopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log, render_table  # noqa: E402
+from _common import fxopt_revision, log, render_table, run_with_hooks  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,13 +193,7 @@ def activation_outliers(model, batches) -> list[tuple[str, float, float, float]]
         return fn
 
     hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in hs:
-            h.remove()
+    run_with_hooks(model, hs, batches)
     out = []
     for name, (tok0, rest, samples) in acc.items():
         v = torch.cat(samples)

@@ -23,6 +23,17 @@ def clone(module):
         return copy.deepcopy(module)
 
 
+def graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (nodes, meta, codegen) that *shares* its
+    parameters and buffers: rewrite its graph freely (export-time lowering does) without touching
+    ``gm``, and without copying the weights."""
+    import copy
+
+    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
 def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     """The tensor behind a ``get_attr`` target such as ``encoder.layer.0.output.dense.weight``.
 

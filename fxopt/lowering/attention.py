@@ -9,8 +9,8 @@ node runs on its own over ``[B, H, S, T]`` scores. ``com.microsoft.MultiHeadAtte
 same in one kernel. Per MiniLM layer (B 8, S 128, 12 heads of 32, one thread) that is ≈4.0 ms →
 ≈2.6 ms for the attention core (benchmarks/README.md).
 
-:func:`fuse_attention` replaces each eligible SDPA node of a copy of the graph (parameters shared,
-the caller's graph untouched) by :data:`fxopt.ir.attnops.ATTENTION`, whose PyTorch implementation
+:func:`fuse_attention` replaces each eligible SDPA node of the export copy of the graph
+(:func:`fxopt.ir.graph.graph_copy`: parameters shared, the caller's graph untouched) by :data:`fxopt.ir.attnops.ATTENTION`, whose PyTorch implementation
 *is* SDPA, so the rewrite is exact; the ONNX translation then emits::
 
     q3 = Reshape(Transpose(q, [0,2,1,3]), [0,0,-1])                 (and k3, v3)
@@ -28,7 +28,6 @@ notes.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -84,24 +83,24 @@ def _same_shape_view(u: torch.fx.Node, a: torch.fx.Node) -> bool:
         (p == q) is True or (isinstance(p, torch.SymInt) and str(p) == str(q)) for p, q in zip(x.shape, y.shape))
 
 
-def fuse_attention(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[str]]:
-    """A graph module sharing ``gm``'s parameters whose eligible SDPA nodes are ``fxopt::attention``.
+def fuse_attention(gm: torch.fx.GraphModule) -> tuple[int, list[str]]:
+    """Rewrite, *in place*, each eligible SDPA node of ``gm`` into ``fxopt::attention``.
 
-    Returns ``(module, fused, notes)``; ``module`` is ``gm`` itself when no node is eligible."""
-    sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
-    notes = [f"{describe(n)} stays SDPA: {why}" for n in sdpa if (why := why_not(n))]
-    todo = [n.name for n in sdpa if why_not(n) is None]
-    if not todo:
-        return gm, 0, notes
-    graph = copy.deepcopy(gm.graph)
-    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    by_name = {n.name: n for n in graph.nodes}
-    for name in todo:
-        n = by_name[name]
+    ``export_onnx`` calls it on :func:`fxopt.ir.graph.graph_copy` of the caller's graph (shared
+    parameters), never on the caller's. Returns ``(fused, notes)``: the notes name each SDPA that
+    stays and why."""
+    graph = gm.graph
+    todo, notes = [], []
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target is SDPA]:
+        why = why_not(n)
+        if why:
+            notes.append(f"{describe(n)} stays SDPA: {why}")
+        else:
+            todo.append(n)
+    for n in todo:
         q, k, v = n.args[:3]
         opts = sdpa_options(n)
-        qv, vv = q.meta["val"], v.meta["val"]
+        qv = q.meta["val"]
         scale = opts.get("scale") or 1.0 / math.sqrt(qv.shape[-1])
         mask = opts.get("attn_mask")
         if opts.get("is_causal", False):
@@ -110,13 +109,14 @@ def fuse_attention(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int,
             kind = MASK_NONE if mask is None else (MASK_BOOL if mask.meta["val"].dtype == torch.bool else MASK_ADDITIVE)
         with graph.inserting_before(n):
             a = graph.call_function(ATTENTION, (q, k, v, mask, float(scale), int(qv.shape[1]), kind))
-        a.meta.update({key: val for key, val in n.meta.items()})
+        a.meta.update(n.meta)
         n.replace_all_uses_with(a)
         graph.erase_node(n)
         for u in list(a.users):                # a reshape to the same shape would stop ORT cancelling
             if _same_shape_view(u, a):         # our transpose against the graph's head merge
                 u.replace_all_uses_with(a)
                 graph.erase_node(u)
-    graph.lint()
-    new.recompile()
-    return new, len(todo), notes
+    if todo:
+        graph.lint()
+        gm.recompile()
+    return len(todo), notes

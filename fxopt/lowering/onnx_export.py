@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from .. import _io
-from ..ir.graph import ExampleInputs, call, flatten_tensors, parameter_bytes
+from ..ir.graph import ExampleInputs, call, flatten_tensors, graph_copy, parameter_bytes
 from ..ir.meta import CAPTURE
 from .attention import fuse_attention
 from .qlinear import fuse_integer_linears
@@ -101,8 +101,13 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
     dyn_spec = _dynamic_spec(gm, inputs, dynamic, info)
     output_names = list(info.output_names) if info else None
     external = parameter_bytes(gm) > TWO_GB * 0.9
-    exported, fused, attn_notes = fuse_attention(gm) if fused_attention else (gm, 0, [])
-    exported, int_linears = fuse_integer_linears(exported) if integer_linears else (exported, 0)
+    exported, fused, attn_notes, int_linears = gm, 0, [], 0
+    if fused_attention or integer_linears:
+        exported = graph_copy(gm)                # rewritten for ONNX Runtime; the caller's graph is untouched
+        if fused_attention:
+            fused, attn_notes = fuse_attention(exported)
+        if integer_linears:
+            int_linears = fuse_integer_linears(exported)
 
     try:
         with _quiet_exporter():

@@ -102,37 +102,41 @@ TRANSLATIONS.update({
 })
 
 
-def _register_matmul_nbits_schema() -> None:
-    """ONNX's registry does not know ONNX Runtime's contrib ops; the exporter needs a schema to
-    build the node, so MatMulNBits (com.microsoft, v1) is registered once, as ORT defines it."""
+def _contrib_schema(name: str, doc: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
+                    types: list[tuple[str, list[str]]], attributes: list[tuple[str, str, bool]] = ()) -> None:
+    """Register ONNX Runtime contrib op ``com.microsoft.<name>`` (v1) with ONNX's schema registry, once.
+
+    ONNX's registry does not know ONNX Runtime's contrib ops, and the exporter needs a schema to
+    build a node. ``inputs``: ``(name, type var, optional)``; ``attributes``: ``(name, "INT" |
+    "FLOAT", required)``. Only what fxopt uses is declared, as ORT defines it (onnxscript gives a
+    node every output its schema lists, so optional outputs fxopt never reads are left out)."""
     import onnx
     from onnx.defs import OpSchema
 
     try:
-        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+        onnx.defs.get_schema(name, 1, "com.microsoft")
         return
     except onnx.defs.SchemaError:
         pass
-    P = OpSchema.FormalParameter
-    A = OpSchema.Attribute
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
     opt = OpSchema.FormalParameterOption.Optional
-    schema = OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        doc="Y = A · dequantize(B)ᵀ with B packed bits-wide in blocks along K (ONNX Runtime contrib op).",
-        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=opt),
-                P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
-        outputs=[P("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
-                          ("T4", ["tensor(int32)"], "")],
-        attributes=[A("K", OpSchema.AttrType.INT, ""), A("N", OpSchema.AttrType.INT, ""),
-                    A("bits", OpSchema.AttrType.INT, ""), A("block_size", OpSchema.AttrType.INT, ""),
-                    A("accuracy_level", OpSchema.AttrType.INT, "", required=False)],
-    )
-    onnx.defs.register_schema(schema)
+    onnx.defs.register_schema(OpSchema(
+        name, "com.microsoft", 1, doc=doc,
+        inputs=[P(n, t, param_option=opt) if o else P(n, t) for n, t, o in inputs],
+        outputs=[P(n, t) for n, t in outputs],
+        type_constraints=[(t, allowed, "") for t, allowed in types],
+        attributes=[A(n, getattr(OpSchema.AttrType, kind), "", required=req) for n, kind, req in attributes]))
 
 
-_register_matmul_nbits_schema()
+_contrib_schema(
+    "MatMulNBits", "Y = A · dequantize(B)ᵀ with B packed bits-wide in blocks along K.",
+    [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
+     ("g_idx", "T4", True), ("bias", "T1", True)],
+    [("Y", "T1")],
+    [("T1", ["tensor(float)", "tensor(float16)"]), ("T2", ["tensor(uint8)"]),
+     ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"]), ("T4", ["tensor(int32)"])],
+    [("K", "INT", True), ("N", "INT", True), ("bits", "INT", True), ("block_size", "INT", True),
+     ("accuracy_level", "INT", False)])
 _MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
 
@@ -173,35 +177,14 @@ TRANSLATIONS[torch.ops.fxopt.quantize_affine.default] = quantize_affine_onnx
 TRANSLATIONS[torch.ops.fxopt.dequantize_affine.default] = dequantize_affine_onnx
 
 
-def _register_gather_block_quantized_schema() -> None:
-    """GatherBlockQuantized (com.microsoft, v1): gather rows of a block-quantized table (4-bit
-    embeddings), registered for the exporter as ONNX Runtime defines it."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    try:
-        onnx.defs.get_schema("GatherBlockQuantized", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    P, A = OpSchema.FormalParameter, OpSchema.Attribute
-    opt = OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
-        "GatherBlockQuantized", "com.microsoft", 1,
-        doc="Gather along gather_axis from data quantized in blocks along quantize_axis, then dequantize.",
-        inputs=[P("data", "T1"), P("indices", "Tind"), P("scales", "T2"), P("zero_points", "T1", param_option=opt)],
-        outputs=[P("output", "T2")],
-        type_constraints=[("T1", ["tensor(int4)", "tensor(uint4)", "tensor(uint8)"], ""),
-                          ("T2", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
-        attributes=[A("gather_axis", OpSchema.AttrType.INT, "", required=False),
-                    A("quantize_axis", OpSchema.AttrType.INT, "", required=False),
-                    A("block_size", OpSchema.AttrType.INT, "", required=False),
-                    A("bits", OpSchema.AttrType.INT, "", required=False)],
-    ))
-
-
-_register_gather_block_quantized_schema()
+_contrib_schema(
+    "GatherBlockQuantized", "Gather along gather_axis from data quantized in blocks along quantize_axis, then dequantize.",
+    [("data", "T1", False), ("indices", "Tind", False), ("scales", "T2", False), ("zero_points", "T1", True)],
+    [("output", "T2")],
+    [("T1", ["tensor(int4)", "tensor(uint4)", "tensor(uint8)"]),
+     ("T2", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]), ("Tind", ["tensor(int32)", "tensor(int64)"])],
+    [("gather_axis", "INT", False), ("quantize_axis", "INT", False), ("block_size", "INT", False),
+     ("bits", "INT", False)])
 
 
 def gather_nbits_onnx(packed, indices, scales, d: int, block_size: int):
@@ -312,37 +295,15 @@ TRANSLATIONS[torch.ops.fxopt.moe.default] = moe_onnx
 from ..ir import attnops  # noqa: E402 - registers torch.ops.fxopt.attention
 
 
-def _register_multi_head_attention_schema() -> None:
-    """MultiHeadAttention (com.microsoft, v1), registered for the exporter as ONNX Runtime defines it."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    try:
-        onnx.defs.get_schema("MultiHeadAttention", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    P, A = OpSchema.FormalParameter, OpSchema.Attribute
-    opt = OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
-        "MultiHeadAttention", "com.microsoft", 1,
-        doc="softmax(Q Kᵀ · scale + attention_bias) V per head (ONNX Runtime contrib op).",
-        inputs=[P("query", "T"), P("key", "T", param_option=opt), P("value", "T", param_option=opt),
-                P("bias", "T", param_option=opt), P("key_padding_mask", "M", param_option=opt),
-                P("attention_bias", "T", param_option=opt), P("past_key", "T", param_option=opt),
-                P("past_value", "T", param_option=opt), P("past_sequence_length", "M", param_option=opt),
-                P("cache_indirection", "M", param_option=opt)],
-        # only the output fxopt uses: onnxscript gives a node every output its schema lists
-        outputs=[P("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[A("num_heads", OpSchema.AttrType.INT, ""),
-                    A("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
-                    A("scale", OpSchema.AttrType.FLOAT, "", required=False),
-                    A("unidirectional", OpSchema.AttrType.INT, "", required=False)],
-    ))
-
-
-_register_multi_head_attention_schema()
+_contrib_schema(
+    "MultiHeadAttention", "softmax(Q Kᵀ · scale + attention_bias) V per head.",
+    [("query", "T", False), ("key", "T", True), ("value", "T", True), ("bias", "T", True),
+     ("key_padding_mask", "M", True), ("attention_bias", "T", True), ("past_key", "T", True),
+     ("past_value", "T", True), ("past_sequence_length", "M", True), ("cache_indirection", "M", True)],
+    [("output", "T")],
+    [("T", ["tensor(float)", "tensor(float16)"]), ("M", ["tensor(int32)"])],
+    [("num_heads", "INT", True), ("mask_filter_value", "FLOAT", False), ("scale", "FLOAT", False),
+     ("unidirectional", "INT", False)])
 
 
 def attention_onnx(q, k, v, mask, scale: float, num_heads: int, mask_kind: int):
@@ -382,30 +343,13 @@ TRANSLATIONS[torch.ops.fxopt.attention.default] = attention_onnx
 # fxopt.lowering.qlinear) → ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat``.
 
 
-def _register_matmul_integer_to_float_schema() -> None:
-    import onnx
-    from onnx.defs import OpSchema
-
-    try:
-        onnx.defs.get_schema("MatMulIntegerToFloat", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    P, A = OpSchema.FormalParameter, OpSchema.Attribute
-    opt = OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
-        "MatMulIntegerToFloat", "com.microsoft", 1,
-        doc="(A − a_zero_point)·a_scale @ (B − b_zero_point)·b_scale + bias, 8-bit inputs, float output.",
-        inputs=[P("A", "T1"), P("B", "T2"), P("a_scale", "T3"), P("b_scale", "T3"),
-                P("a_zero_point", "T1", param_option=opt), P("b_zero_point", "T2", param_option=opt),
-                P("bias", "T3", param_option=opt)],
-        outputs=[P("Y", "T3")],
-        type_constraints=[("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""),
-                          ("T3", ["tensor(float)", "tensor(float16)"], "")],
-    ))
-
-
-_register_matmul_integer_to_float_schema()
+_contrib_schema(
+    "MatMulIntegerToFloat", "(A − a_zero_point)·a_scale @ (B − b_zero_point)·b_scale + bias, 8-bit inputs, float output.",
+    [("A", "T1", False), ("B", "T2", False), ("a_scale", "T3", False), ("b_scale", "T3", False),
+     ("a_zero_point", "T1", True), ("b_zero_point", "T2", True), ("bias", "T3", True)],
+    [("Y", "T3")],
+    [("T1", ["tensor(int8)", "tensor(uint8)"]), ("T2", ["tensor(int8)", "tensor(uint8)"]),
+     ("T3", ["tensor(float)", "tensor(float16)"])])
 
 
 def matmul_integer_to_float_onnx(a, a_scale, a_zero_point, b, b_scale, bias=None):

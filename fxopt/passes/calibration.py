@@ -79,7 +79,7 @@ class _Acc:
             raise PreconditionError(f"calibration: {describe(node)} produced NaN/inf on batch {self.n}")
         self.cmin = lo if self.cmin is None else torch.minimum(self.cmin, lo)
         self.cmax = hi if self.cmax is None else torch.maximum(self.cmax, hi)
-        sq = flat.to(torch.float64).pow(2).sum(0)
+        sq = (flat * flat).sum(0, dtype=torch.float64)     # float64 accumulation, no float64 copy of x
         self.sumsq = sq if self.sumsq is None else self.sumsq + sq
         self.count += flat.shape[0]
         if self.sample_rows:

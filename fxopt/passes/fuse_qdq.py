@@ -67,22 +67,14 @@ class FuseQDQ(Pass):
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = {"weights_prequantized": 0, "pairs_removed": 0, "int8_linears": 0, "int4_linears": 0}
         g = gm.graph
-        # 1. pre-quantize weights
+        # 1. pre-quantize weights (integer zero points, and float ones for min-max affine int4 groups)
+        quantizers = {qops.QUANTIZE: (qops.quantize, 7), qops.QUANTIZE_AFFINE: (qops.quantize_affine, 5)}
         for n in list(g.nodes):
-            if _is(n, qops.QUANTIZE) and _const(n.args[0]) and _const(n.args[1]) and _const(n.args[2]):
+            kind = quantizers.get(n.target) if n.op == "call_function" else None
+            if kind is not None and all(_const(a) for a in n.args[:3]):
+                fn, nargs = kind
                 w, s, z = (get_attr(gm, a.target) for a in n.args[:3])
-                q = qops.quantize(w.detach(), s, z, *n.args[3:7])
-                const = add_constant(gm, f"{n.args[0].target}_q", q, before=n)
-                PROVENANCE.set(const, self.name)
-                n.replace_all_uses_with(const)
-                g.erase_node(n)
-                stats["weights_prequantized"] += 1
-        # 1b. the same for float-zero-point (min-max affine) int4 groups
-        for n in list(g.nodes):
-            if _is(n, qops.QUANTIZE_AFFINE) and all(_const(a) for a in n.args[:3]):
-                w, s, z = (get_attr(gm, a.target) for a in n.args[:3])
-                q = qops.quantize_affine(w.detach(), s, z, *n.args[3:5])
-                const = add_constant(gm, f"{n.args[0].target}_q", q, before=n)
+                const = add_constant(gm, f"{n.args[0].target}_q", fn(w.detach(), s, z, *n.args[3:nargs]), before=n)
                 PROVENANCE.set(const, self.name)
                 n.replace_all_uses_with(const)
                 g.erase_node(n)

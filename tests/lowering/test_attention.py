@@ -9,6 +9,7 @@ from fxopt.backends import OrtBackend
 from fxopt.ir import capture
 from fxopt.ir.attnops import ATTENTION, MASK_ADDITIVE, MASK_BOOL, MASK_NONE
 from fxopt.lowering import export_onnx
+from fxopt.ir.graph import graph_copy
 from fxopt.lowering.attention import fuse_attention
 from fxopt.passes._attention import SDPA
 
@@ -94,8 +95,8 @@ def test_not_eligible_stays_sdpa_with_a_note(tmp_path):
     m = CausalMasked().eval()
     x, mask = torch.randn(2, 6, 32), torch.ones(6, 6, dtype=torch.bool).tril()     # a rank-2 mask
     gm = capture(m, (x, mask))
-    new, fused, notes = fuse_attention(gm)
-    assert new is gm and fused == 0 and "rank 4" in notes[0]
+    fused, notes = fuse_attention(graph_copy(gm))
+    assert fused == 0 and "rank 4" in notes[0]
     rep = export_onnx(gm, tmp_path / "c.onnx", (x, mask), dynamic=False)
     assert rep.verified and "MultiHeadAttention" not in OrtBackend(rep.path).optimized_op_types()
 
