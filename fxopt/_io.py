@@ -27,6 +27,13 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise OutputPathError(f"cannot create the folder {parent} for {p}: {e.strerror or e}") from e
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write {p}: the folder {parent} is not writable")
+    try:                                   # root passes os.access everywhere; /proc, read-only mounts do not take files
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {p}: creating a file in {parent} fails ({e.strerror or e}); "
+                              "choose another folder") from e
     return p
 
 

@@ -13,7 +13,11 @@ quantization lowering uses:
   such kernel here: they keep running in the reference form, and :attr:`CpuInt8Backend.notes`
   says how many.
 
-The weights are packed once (``onednn.qlinear_prepack``) when the backend is built.
+The weights are packed once (``onednn.qlinear_prepack``) when the backend is built. oneDNN's u8×s8
+GEMM on CPUs without VNNI (``VPMADDUBSW``) adds pairs of products into a saturating int16, so on
+such a CPU (or under ``ONEDNN_MAX_CPU_ISA=AVX2``) weights above 64 in magnitude are first re-rounded
+to ``[−64, 64]`` (:func:`fxopt.lowering.int8_target.fit_int8_weights`, with a note); a graph
+quantized with ``insert-qdq{target=auto}`` on that machine already is.
 """
 from __future__ import annotations
 
@@ -49,7 +53,12 @@ def lower(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:
     """A copy of ``gm`` whose u8×s8 quantized linears call oneDNN; plus notes on what stayed."""
     if not available():
         raise RuntimeError("this PyTorch build has no oneDNN integer kernels (torch.ops.onednn.qlinear_pointwise)")
+    from ..lowering.int8_target import fit_int8_weights
+    from . import isa
+
     gm = clone(gm)
+    target = isa.onednn_target()
+    fitted = fit_int8_weights(gm, target)
     g = gm.graph
     lowered, kept = 0, 0
     for mm in list(g.nodes):
@@ -87,7 +96,9 @@ def lower(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:
         lowered += 1
     g.eliminate_dead_code()
     gm.recompile()
-    notes = [f"{lowered} linears run as oneDNN u8×s8 GEMMs"]
+    notes = [f"{lowered} linears run as oneDNN u8×s8 GEMMs (target {target})"]
+    if fitted:
+        notes.append(f"{fitted} int8 weights re-rounded to [-64, 64]: oneDNN's u8×s8 pairs saturate int16 on {target}")
     if kept:
         notes.append(f"{kept} quantized linears have no integer kernel here (per-token or s8 activations, "
                      "weight-only) and run in the reference form")

@@ -8,12 +8,17 @@
 * ``optimized_model_path``: where ORT saves the graph *after* its optimizations, so callers can
   prove what it fused — :meth:`OrtBackend.optimized_op_types` lists the op types there
   (``MatMulIntegerToFloat``, ``QLinearMatMul``... for quantized models).
+
+A file fxopt exported for an int8 dot-product CPU (``fxopt.int8_requires`` in its metadata, see
+:func:`fxopt.lowering.export_onnx`'s ``target``) warns when loaded on a CPU without one, and says
+how to re-export it.
 """
 from __future__ import annotations
 
 import collections
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,10 @@ class OrtBackend:
         self.session = ort.InferenceSession(str(self.path), so, providers=providers or ["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.target_warning = _target_warning(self.path, self.metadata)
+        if self.target_warning:
+            warnings.warn(self.target_warning, RuntimeWarning, stacklevel=2)
 
     def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
         """Map example inputs onto the session's inputs: keywords by name, positionals in order."""
@@ -89,6 +98,22 @@ class OrtBackend:
                 OrtBackend(self.path, optimized_model_path=path, **self._options)
                 model = onnx.load(str(path), load_external_data=False)
         return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def _target_warning(path: Path, meta: dict[str, str]) -> str:
+    """Why this CPU cannot run ``path`` exactly ('' when it can): a file exported for an int8
+    dot-product CPU (VNNI, AMX, ARM dotprod) holds weights that ``VPMADDUBSW`` would saturate."""
+    from . import isa
+
+    if meta.get("fxopt.int8_requires") != "int8-dot-product":
+        return ""
+    here = isa.detect()
+    if here.exact_s8:
+        return ""
+    return (f"{path.name} was exported by fxopt for {meta.get('fxopt.int8_target', 'a VNNI CPU')} with int8 weights up "
+            f"to {meta.get('fxopt.int8_weight_max', '127')}; this CPU ({here.target}) adds u8×s8 products in saturating "
+            "int16 pairs, so ONNX Runtime's results will be off. Re-export for it: "
+            "result.export_onnx(path, target='portable') (or fxopt export ... --target portable)")
 
 
 def _np(v) -> np.ndarray:

@@ -6,15 +6,19 @@ exporter is never used: on MiniLM here it silently produced outputs with cosine 
 
 Steps, each failing with a message that says what to do:
 
-1. the output path is checked for writability before any work;
-2. fxopt ops are checked for an ONNX form (:func:`~fxopt.lowering.onnx_ops.check_lowerable`);
-3. export with the dynamic axes recorded at capture (``batch``, ``seq``), outputs named as the
+1. the output path is checked for writability before any work (a file is created there and removed);
+2. fxopt ops are checked for an ONNX form (:func:`~fxopt.lowering.onnx_ops.check_lowerable`), and
+   graphs that write into their own buffers (a KV cache kept in the model) are refused;
+3. in a copy of the graph: int8 weights fitted to the target CPU
+   (:mod:`fxopt.lowering.int8_target`), SDPA → ``MultiHeadAttention``, static int8 linears →
+   ``MatMulIntegerToFloat``;
+4. export with the dynamic axes recorded at capture (``batch``, ``seq``), outputs named as the
    model names them (``last_hidden_state``, ``logits``), weights inside the one file when the
-   model is under 2 GB (external data beside it otherwise);
-4. the file is written atomically, then ``onnx.checker.check_model(full_check=True)`` (which
-   includes strict shape inference);
-5. verification: ONNX Runtime runs the file on the example inputs and its outputs are compared
-   with the GraphModule's (max abs / max rel error in the report).
+   model is under 2 GB (external data beside it otherwise), the target in the metadata;
+5. under a temporary name beside the destination: ``onnx.checker.check_model(full_check=True)``
+   (which includes strict shape inference), then verification: ONNX Runtime runs the file on the
+   example inputs and its outputs are compared with the GraphModule's (max abs / max rel error,
+   row cosines in the report); only then is the file moved into place.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class ExportReport:
     quantized: bool = False               # the graph holds fxopt quantizers: verified statistically
     verified: bool = False
     notes: list[str] = field(default_factory=list)
+    target: str = ""                      # the int8 target CPU (fxopt.backends.isa)
 
     def __str__(self) -> str:
         v = (f"ORT vs PyTorch: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
@@ -70,44 +75,64 @@ class ExportReport:
         if self.quantized and self.mean_cos is not None:
             v += f", mean abs {self.mean_abs:.3g}, row cosine mean {self.mean_cos:.5f} / min {self.min_cos:.5f}"
         return (f"{self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {sum(self.ops.values())} nodes, "
+                f"target {self.target or '-'}, "
                 f"{self.seconds:.1f} s); inputs {self.inputs}; outputs {self.outputs}; {v}")
 
 
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any, *,
                 dynamic: bool | dict | None = True, opset: int = OPSET, verify: bool = True,
                 atol: float = 1e-4, rtol: float = 1e-3, min_cos: float = 0.995, check: bool = True,
-                fused_attention: bool = True, integer_linears: bool = True) -> ExportReport:
+                fused_attention: bool = True, integer_linears: bool = True,
+                target: str | None = "auto") -> ExportReport:
     """Export ``gm`` to ``path``; returns an :class:`ExportReport`.
 
     ``dynamic=True`` keeps the dynamic axes recorded at capture, ``None``/``False`` exports
     static shapes, a dict ``{input: {dim: name}}`` picks them. With ``verify`` the ORT outputs
     must match the GraphModule within ``atol + rtol·|y|`` or :class:`LoweringError` is raised.
 
+    ``target`` is the CPU the file is for (:mod:`fxopt.backends.isa`): ``auto`` (this machine),
+    ``portable`` (correct on every CPU), ``avx2``, ``avx512``, ``avx512-vnni``, ``avx-vnni``,
+    ``amx``, ``arm-dotprod``, ``arm-i8mm``. On targets whose u8×s8 GEMM saturates int16 pairs
+    (AVX2, AVX-512 without VNNI, portable) int8 weights above 64 in magnitude are re-rounded to
+    ``[−64, 64]`` (:mod:`fxopt.lowering.int8_target`, with a note); the file records its target and
+    whether it needs an int8 dot-product CPU in its metadata (``fxopt.int8_target``,
+    ``fxopt.int8_requires``), and :class:`fxopt.backends.OrtBackend` warns when it runs on a CPU
+    that lacks it.
+
     Quantized graphs are verified statistically: a one-ulp float difference upstream (ORT's
     LayerNorm vs. PyTorch's) flips a later quantizer's rounding by one step, and flips cascade
     through the layers (measured on MiniLM W8A8 with every ORT fusion disabled: one quantized
     linear matches to 3e-6, two layers to max 0.026, all 37 to mean |Δ| ≈ 3 % of mean |y|). There
     the mean cosine of output rows must be ≥ ``min_cos``.
+
+    The file is written, checked and verified under a temporary name beside ``path`` and moved
+    into place only when all of that passed: a failed export never replaces an existing file.
     """
     import onnx
 
+    from ..backends import isa
+    from .int8_target import fit_int8_weights, max_weight
+
     t0 = time.perf_counter()
+    target = isa.resolve(target)
     path = _io.check_writable(path)
     inputs = ExampleInputs.of(example_inputs)
-    problems = check_lowerable(gm)
+    problems = check_lowerable(gm) + _mutated_buffers(gm)
     if problems:
         raise LoweringError("cannot lower to ONNX:\n  - " + "\n  - ".join(problems))
     info = CAPTURE.get(gm)
     dyn_spec = _dynamic_spec(gm, inputs, dynamic, info)
     output_names = list(info.output_names) if info else None
     external = parameter_bytes(gm) > TWO_GB * 0.9
-    exported, fused, attn_notes, int_linears = gm, 0, [], 0
-    if fused_attention or integer_linears:
-        exported = graph_copy(gm)                # rewritten for ONNX Runtime; the caller's graph is untouched
-        if fused_attention:
-            fused, attn_notes = fuse_attention(exported)
-        if integer_linears:
-            int_linears = fuse_integer_linears(exported)
+    exported = graph_copy(gm)                     # rewritten for the target and ORT; the caller's graph is untouched
+    fitted = fit_int8_weights(exported, target)
+    peak = max_weight(exported)
+    requires = "int8-dot-product" if peak > isa.REDUCED_QMAX else "any"
+    fused, attn_notes, int_linears = 0, [], 0
+    if fused_attention:
+        fused, attn_notes = fuse_attention(exported)
+    if integer_linears:
+        int_linears = fuse_integer_linears(exported)
 
     try:
         with _quiet_exporter():
@@ -118,32 +143,84 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
             )
     except Exception as e:  # noqa: BLE001
         raise LoweringError(_explain_export_failure(e)) from e
+    meta = {"fxopt.int8_target": target, "fxopt.int8_requires": requires,
+            "fxopt.int8_weight_max": str(peak)}
+    with contextlib.suppress(AttributeError):
+        program.model.metadata_props.update(meta)
 
-    if external:
-        _save_external(program, path, check)
-    else:
-        with _io.atomic_path(path, suffix=".onnx") as tmp:
-            program.save(str(tmp))
-            if check:
-                _check(tmp)
-    model = onnx.load(str(path), load_external_data=False)
-    ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    report = ExportReport(
-        path=path, bytes=path.stat().st_size, opset=opset, inputs=[i.name for i in model.graph.input],
-        outputs=[o.name for o in model.graph.output], ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-        seconds=0.0, external_data=external)
+    report = ExportReport(path=path, bytes=0, opset=opset, inputs=[], outputs=[], ops={}, seconds=0.0,
+                          external_data=external, target=target)
     if fused:
         report.notes.append(f"{fused} scaled_dot_product_attention → com.microsoft.MultiHeadAttention")
     if int_linears:
         report.notes.append(f"{int_linears} static int8 linears → com.microsoft.MatMulIntegerToFloat (bias inside)")
+    if fitted:
+        report.notes.append(f"{fitted} int8 weights re-rounded to [-64, 64] for target {target} (u8×s8 pairs saturate "
+                            f"int16 there); quantize with insert-qdq{{target={target}}} to round them once")
     report.notes += attn_notes
     report.quantized = _has_quantizers(gm)
-    if verify:
-        _verify(gm, report, inputs, atol, rtol, min_cos)
+    here = isa.detect()
+    cross = requires != "any" and not here.exact_s8
+    with _staged(path) as staged:
+        program.save(str(staged), external_data=external)
+        if check:
+            _check(staged)
+        model = onnx.load(str(staged), load_external_data=False)
+        ops: dict[str, int] = {}
+        for node in model.graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        report.inputs = [i.name for i in model.graph.input]
+        report.outputs = [o.name for o in model.graph.output]
+        report.ops = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+        report.bytes = sum(f.stat().st_size for f in staged.parent.iterdir())
+        if verify and cross:
+            report.notes.append(f"not verified in ONNX Runtime: the file is for {target} (int8 weights up to {peak}) "
+                                f"and this CPU ({here.target}) adds u8×s8 pairs into saturating int16, so it cannot "
+                                "run it exactly; verify on the target, or export with target='portable'")
+        elif verify:
+            _verify(gm, report, inputs, atol, rtol, min_cos, staged)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A temporary folder beside ``path`` holding ``path.name`` (and its external data); on success
+    every file in it is moved into place (data before the model), else the folder is removed."""
+    import shutil
+    import tempfile
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmpdir / path.name
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
+            os.chmod(f, 0o666 & ~_io._umask())
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _mutated_buffers(gm) -> list[str]:
+    """Ops that write into the graph's own tensors (a KV cache held as a buffer, StaticCache): ONNX
+    has no state, so the file would freeze the buffers at their export-time values."""
+    found: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema = n.target._schema
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            if isinstance(v, torch.fx.Node) and v.op == "get_attr":
+                found.setdefault(v.target, str(n.target))
+    if not found:
+        return []
+    names = ", ".join(f"{t} ({op})" for t, op in list(found.items())[:6])
+    return [f"the graph writes into its own buffers {names}{' ...' if len(found) > 6 else ''}: state kept in the "
+            "model (a KV cache such as transformers' StaticCache) would be frozen into the ONNX file and later steps "
+            "would be wrong. Capture a model that takes the cache as inputs and returns the updated cache as "
+            "outputs (e.g. DynamicCache past_key_values), or export a forward without the cache (use_cache=False)"]
 
 
 def _has_quantizers(gm) -> bool:
@@ -153,11 +230,17 @@ def _has_quantizers(gm) -> bool:
                for n in gm.graph.nodes)
 
 
-def _verify(gm, report: ExportReport, inputs: ExampleInputs, atol: float, rtol: float, min_cos: float) -> None:
+def _verify(gm, report: ExportReport, inputs: ExampleInputs, atol: float, rtol: float, min_cos: float,
+            file: Path) -> None:
+    import warnings as _w
+
     from ..backends.ort import OrtBackend
 
-    ref = [t.detach().cpu().numpy() for t in flatten_tensors(call(gm, inputs))]
-    got = OrtBackend(report.path).run(inputs)
+    ref = [t.detach().cpu().float().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+           for t in flatten_tensors(call(gm, inputs))]
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")                       # the target warning; this file is for this CPU
+        got = OrtBackend(file).run(inputs)
     if len(got) != len(ref):
         raise LoweringError(f"ONNX Runtime returned {len(got)} outputs, the graph {len(ref)}")
     max_abs, max_rel, bad, sums, count, cos_min, cos_sum, rows = 0.0, 0.0, [], 0.0, 0, 1.0, 0.0, 0
@@ -177,16 +260,20 @@ def _verify(gm, report: ExportReport, inputs: ExampleInputs, atol: float, rtol: 
             c = np.where((np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0), 1.0, c)
             cos_min, cos_sum, rows = min(cos_min, float(c.min())), cos_sum + float(c.sum()), rows + c.size
             if report.quantized and float(c.mean()) < min_cos:
-                bad.append(f"{name}: row cosine mean {float(c.mean()):.5f} < {min_cos}")
+                bad.append(f"output {name!r}: row cosine mean {float(c.mean()):.5f} < min_cos={min_cos} (min row "
+                           f"{float(c.min()):.5f}; quantized graphs are checked by row cosine: lower it with "
+                           "export_onnx(..., min_cos=...) if that accuracy is what you want)")
         if not report.quantized and float(d.max()) > atol + rtol * scale:
-            bad.append(f"{name}: max |Δ| {float(d.max()):.3g} (|y| up to {scale:.3g})")
+            bad.append(f"output {name!r}: max |Δ| {float(d.max()):.3g} > atol + rtol·max|y| = {atol} + {rtol}·"
+                       f"{scale:.3g} (set with export_onnx(..., atol=..., rtol=...))")
     report.max_abs, report.max_rel = max_abs, max_rel
     report.mean_abs = sums / max(count, 1)
     if rows:
         report.min_cos, report.mean_cos = cos_min, cos_sum / rows
     if bad:
-        raise LoweringError("ONNX Runtime's outputs differ from PyTorch's beyond tolerance "
-                            f"(atol {atol}, rtol {rtol}): " + "; ".join(bad) + f"; the file is at {report.path}")
+        keep = f"; {report.path} was not written" + (" (the existing file is unchanged)" if report.path.exists() else "")
+        raise LoweringError("ONNX Runtime's outputs differ from PyTorch's: " + "; ".join(bad) + keep
+                            + ". Export with verify=False to write it anyway")
     report.verified = True
 
 
@@ -252,21 +339,3 @@ def _check(p: Path) -> None:
         onnx.checker.check_model(str(p), full_check=not contrib)
     except Exception as e:  # noqa: BLE001
         raise LoweringError(f"the exported model fails onnx.checker: {e}") from e
-
-
-def _save_external(program, path: Path, check: bool) -> None:
-    """Over 2 GB: weights go to ``<name>.data`` beside the model. Both are written under their
-    final names in a temporary folder next to ``path``, checked, then moved (data first)."""
-    import shutil
-    import tempfile
-
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = tmpdir / path.name
-        program.save(str(staged), external_data=True)
-        if check:
-            _check(staged)
-        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

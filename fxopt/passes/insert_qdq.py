@@ -9,7 +9,7 @@ integer kernels. Schemes:
     activations per tensor, range from calibration (``calib=minmax`` or ``percentile``):
     asymmetric uint8 ``s = (max − min)/255``, ``z = round(−min/s)`` (ORT's fast u8×s8 path), or
     symmetric int8 with ``symmetric=true``; weights per output channel, symmetric int8
-    ``s_i = max_j |W_ij| / 127`` on ``[−127, 127]``.
+    ``s_i = max_j |W_ij| / q`` on ``[−q, q]``, where ``q`` depends on ``target`` (below).
 ``w8a8-dynamic``
     activations quantized at run time: per token (``granularity=token``, symmetric int8,
     ``s_t = max_j |x_tj| / 127``; the accurate choice, as in ZeroQuant / LLM.int8) or per tensor
@@ -37,6 +37,19 @@ integer kernels. Schemes:
     0); a checkpoint already on such a grid (SmolLM2's Q4_1 GGUF, groups of 32) is reproduced exactly.
     The pair is ``fxopt::quantize_affine`` / ``fxopt::dequantize_affine`` (ONNX has no
     ``QuantizeLinear`` with a float zero point).
+
+**Target CPU** (``target=auto``, the default: this machine; or ``portable``, ``avx2``, ``avx512``,
+``avx512-vnni``, ``avx-vnni``, ``amx``, ``arm-dotprod``, ``arm-i8mm``; :mod:`fxopt.backends.isa`).
+Linears whose activations reach the integer GEMM as **u8** (``w8a8-static`` asymmetric,
+``w8a8-dynamic`` per tensor) run on ONNX Runtime's and oneDNN's u8×s8 kernels. Without VNNI those
+add pairs of products into a saturating int16 (``VPMADDUBSW``): ``|a₀w₀ + a₁w₁| ≤ 2·255·q`` fits
+only for ``q ≤ 64``. So on ``avx2``/``avx512``/``portable`` targets these weights use ``q = 64``
+(7-bit magnitudes, ORT's ``reduce_range``; exact on every CPU), on VNNI/AMX/ARM dot-product targets
+``q = 127``. s8 activations (``symmetric=true``, per token) and weight-only schemes keep ``q = 127``.
+Measured on MiniLM W8A8 static + SmoothQuant (cosine vs. fp32 over 128 held-out passages): the
+64-level weights cost little next to the activations' per-tensor error
+(``python3 benchmarks/bench_quant_minilm.py``); full-range weights on an AVX2 CPU lose whole
+products instead.
 
 Embedding tables (``embeddings=true``, the default) are stored int8 per row: the rows a lookup
 gathers are dequantized with their gathered scales, ``E[ids] ≈ q[ids] · s[ids]`` — in MiniLM the
@@ -69,6 +82,7 @@ from typing import ClassVar
 import torch
 import torch.fx
 
+from ..backends import isa
 from ..ir import qops
 from ..ir.graph import add_constant, get_attr
 from ..ir.meta import PROVENANCE, QSPEC, SOURCE_PATH, QuantSpec
@@ -102,6 +116,7 @@ class InsertQDQ(Pass):
     sample_rows: int = 512
     weight_symmetric: bool = True
     weight_zero_point: str = "int"
+    target: str = "auto"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -114,6 +129,7 @@ class InsertQDQ(Pass):
             raise ValueError("group must be 16, 32, 64, 128 or 256")
         if self.embedding_bits not in (0, 4, 8):
             raise ValueError("embedding_bits must be 8, 4, or 0 (4 with scheme=w4-weight-only, else 8)")
+        isa.normalize(self.target) if self.target != "auto" else None       # a clear error for a bad name
         if self.weight_zero_point not in ("int", "float"):
             raise ValueError(f"weight_zero_point must be 'int' or 'float'; got {self.weight_zero_point!r}")
         if self.weight_zero_point == "float" and (self.weight_symmetric or self.scheme != "w4-weight-only"):
@@ -192,7 +208,7 @@ class InsertQDQ(Pass):
                 if rows is None:
                     kept.append(li)
                     continue
-                err = self._error(gm, li, rows, st)
+                err = self._error(gm, li, rows, st, per_token)
                 errors[li.path] = round(err, 6)
                 if err > self.max_error:
                     notes.append(f"{li.path}: simulated error {err:.3g} > max_error {self.max_error}, kept in float")
@@ -206,7 +222,7 @@ class InsertQDQ(Pass):
                 if x not in act_q:
                     act_q[x] = self._quantize_activation(gm, x, stats.get(x), li, static=x not in per_token)
                 li.node.replace_input_with(x, self._dequantize_activation(gm, act_q[x], x, li))
-            wq = self._fake_quant_weight(gm, li)
+            wq = self._fake_quant_weight(gm, li, per_token)
             li.node.replace_input_with(li.node.args[1], wq)
         for a in attns:
             for x, mm in ((a.q, a.scores), (a.kt, a.scores), (a.probs, a.out), (a.v, a.out)):
@@ -221,6 +237,7 @@ class InsertQDQ(Pass):
                                                             "attention_matmuls": 2 * len(attns),
                                                             "calibration": calib_report,
                                                             "scheme": spec, "kept_float": len(notes) - len(per_token),
+                                                            **self._target_stats(sel, per_token),
                                                             "per_token_fallback": len(per_token),
                                                 **({"errors": errors} if errors else {})}, notes=notes)
 
@@ -283,7 +300,24 @@ class InsertQDQ(Pass):
 
     # ------------------------------------------------------------------ weights
 
-    def _fake_quant_weight(self, gm, li: LinearInfo) -> torch.fx.Node:
+    def _target_stats(self, sel, per_token) -> dict:
+        if not self.quantizes_activations:
+            return {}
+        u8 = sum(self._u8_activations(li, per_token) for li in sel)
+        return {"target": isa.resolve(self.target), "u8s8_linears": u8,
+                "u8s8_weight_qmax": isa.weight_qmax(self.target) if u8 else None}
+
+    def _u8_activations(self, li, per_token=frozenset()) -> bool:
+        """This linear's activations reach the GEMM as u8 (static asymmetric, dynamic per tensor)."""
+        if self.scheme == "w8a8-static":
+            return not self.symmetric and li.node.args[0] not in per_token
+        return self.scheme == "w8a8-dynamic" and self.granularity == "tensor"
+
+    def _weight_qmax(self, li, per_token=frozenset()) -> int:
+        """127, or 64 where a u8×s8 GEMM on the target adds pairs into a saturating int16."""
+        return isa.weight_qmax(self.target) if self._u8_activations(li, per_token) else isa.FULL_QMAX
+
+    def _fake_quant_weight(self, gm, li: LinearInfo, per_token=frozenset()) -> torch.fx.Node:
         w = get_attr(gm, li.weight).detach().to(torch.float32)
         wnode = li.node.args[1]
         base = f"_qdq.{_safe(li.path)}.weight"
@@ -298,9 +332,10 @@ class InsertQDQ(Pass):
             zp = torch.zeros_like(scale, dtype=torch.int8)
             axis, block, qmin, qmax, gran = 1, self.group, -8, 7, "per_group"
         else:
-            scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
+            q = self._weight_qmax(li, per_token)
+            scale = (w.abs().amax(1) / float(q)).clamp_min(1e-12)
             zp = torch.zeros(w.shape[0], dtype=torch.int8)
-            axis, block, qmin, qmax, gran = 0, 0, -127, 127, "per_channel"
+            axis, block, qmin, qmax, gran = 0, 0, -q, q, "per_channel"
         s = add_constant(gm, base + "_scale", scale, before=li.node)
         z = add_constant(gm, base + "_zero_point", zp, before=li.node)
         g = gm.graph
@@ -428,7 +463,7 @@ class InsertQDQ(Pass):
         QSPEC.set(q, QuantSpec(torch.int8, -8, 7, "per_group", axis=1, group_size=self.group))
         return out
 
-    def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st) -> float:
+    def _error(self, gm, li: LinearInfo, rows: torch.Tensor, st, per_token=frozenset()) -> float:
         w = get_attr(gm, li.weight).detach().to(torch.float32)
         exact = rows @ w.t()
         if self.scheme == "w4-weight-only" and self.weight_zero_point == "float":
@@ -436,7 +471,7 @@ class InsertQDQ(Pass):
         elif self.scheme == "w4-weight-only":
             wq = fq.weight_grouped(w, self.group) if self.weight_symmetric else fq.weight_grouped_asym(w, self.group)
         else:
-            wq = fq.weight_per_channel(w)
+            wq = fq.weight_per_channel(w, self._weight_qmax(li, per_token))
         if self.scheme == "w8a8-static":
             lo, hi = tensor_range(st, self.calib, self.percentile)
             scale, zp, qmin, qmax = fq.static_qparams(lo, hi, self.symmetric)

@@ -18,22 +18,38 @@ class OneLinear(torch.nn.Module):
         return self.fc(x)
 
 
-def test_static_numerics_match_the_formula():
+@pytest.mark.parametrize("target,qmax", [("avx512-vnni", 127), ("amx", 127), ("avx2", 64), ("portable", 64)])
+def test_static_numerics_match_the_formula(target, qmax):
     m = OneLinear().eval()
     calib = [(torch.linspace(-1.0, 3.0, 16).reshape(2, 8),)]
     x = torch.randn(3, 8)
-    res = fxopt.optimize(m, "insert-qdq", (x,), calibration=calib)
+    res = fxopt.optimize(m, f"insert-qdq{{target={target}}}", (x,), calibration=calib)
     # activation: asymmetric uint8 over the calibrated range [-1, 3]
     s = 4.0 / 255
     z = round(1.0 / s)
     xq = (torch.clamp(torch.round(x / s) + z, 0, 255) - z) * s
     w = m.fc.weight.detach()
-    ws = w.abs().amax(1, keepdim=True) / 127
-    wq = torch.clamp(torch.round(w / ws), -127, 127) * ws
+    ws = w.abs().amax(1, keepdim=True) / qmax     # u8 activations: 7-bit weights where VPMADDUBSW saturates
+    wq = torch.clamp(torch.round(w / ws), -qmax, qmax) * ws
     expected = xq @ wq.t() + m.fc.bias.detach()
     assert max_abs(res.module(x), expected) < 1e-5
     st = res.records[-1].stats
     assert st["quantized"] == 1 and st["scheme"] == "w8a8-static"
+    assert st["target"] == target and st["u8s8_weight_qmax"] == qmax
+
+
+def test_s8_activations_keep_full_range_weights_on_every_target():
+    m = OneLinear().eval()
+    x = torch.randn(3, 8)
+    res = fxopt.optimize(m, "insert-qdq{target=avx2,symmetric=true}", (x,), calibration=[(x,)])
+    q = [n for n in res.module.graph.nodes if n.target is qops.QUANTIZE and n.args[0].op == "get_attr"]
+    assert [n.args[5:] for n in q] == [(-127, 127)]          # s8×s8 pairs stay within 2·127·127 < 32768
+    assert res.records[-1].stats["u8s8_linears"] == 0
+
+
+def test_unknown_target_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown int8 target 'avx3'.*portable"):
+        InsertQDQ(target="avx3")
 
 
 def test_one_activation_quantizer_per_value():
