@@ -98,8 +98,54 @@ def test_verification_catches_a_wrong_graph(tiny_gpt, tmp_path, monkeypatch):
     import fxopt.lowering.onnx_export as ox
     real = ox.call
     monkeypatch.setattr(ox, "call", lambda m, i: real(m, i) + 1.0)
-    with pytest.raises(LoweringError, match="differ from PyTorch"):
-        export_onnx(gm, tmp_path / "m.onnx", tiny_gpt.example_inputs)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old model")
+    with pytest.raises(LoweringError, match=r"max \|Δ\| .* > atol \+ rtol·max\|y\|.*existing file is unchanged") as e:
+        export_onnx(gm, path, tiny_gpt.example_inputs)
+    assert "verify=False" in str(e.value)
+    assert path.read_bytes() == b"old model"                 # verified before it replaces anything
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_quantized_verification_names_the_cosine_criterion(tmp_path, monkeypatch):
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 16)
+    res = fxopt.optimize(m, "insert-qdq,fuse-qdq", (x,), calibration=[(x,)])
+    import fxopt.lowering.onnx_export as ox
+    real = ox.call
+    monkeypatch.setattr(ox, "call", lambda g, i: -real(g, i))
+    with pytest.raises(LoweringError, match=r"row cosine mean -1.0+ < min_cos=0.995 .*export_onnx\(..., min_cos=...\)"):
+        res.export_onnx(tmp_path / "q.onnx")
+
+
+def test_path_that_takes_no_files_fails_before_exporting(tiny_gpt, monkeypatch):
+    gm = capture(tiny_gpt.model, tiny_gpt.example_inputs)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported before checking the path"))
+    with pytest.raises(OutputPathError, match="cannot write /proc/x.onnx"):
+        export_onnx(gm, "/proc/x.onnx", tiny_gpt.example_inputs)
+
+
+class StatefulCache(torch.nn.Module):
+    """A cache kept in the model, as transformers' StaticCache does: each call writes one step."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.register_buffer("keys", torch.zeros(1, 16, 8))
+
+    def forward(self, x, pos):
+        self.keys.index_copy_(1, pos, self.proj(x))
+        return self.keys.sum(1)
+
+
+def test_graph_that_writes_its_buffers_is_refused(tmp_path):
+    m = StatefulCache().eval()
+    x, pos = torch.randn(1, 1, 8), torch.tensor([0])
+    res = fxopt.optimize(m, "cleanup", (x, pos))
+    path = tmp_path / "s.onnx"
+    with pytest.raises(LoweringError, match=r"writes into its own buffers keys .*cache as inputs"):
+        res.export_onnx(path)
+    assert not path.exists()
 
 
 def test_blocked_narrow_range_quantize_is_refused(tmp_path):
