@@ -198,3 +198,26 @@ def test_matmul_nbits_zero_points_layout_is_what_onnx_runtime_reads():
     flat = np.append(z.reshape(-1).numpy(), 0)                        # packed across rows: 5 bytes, refused
     with pytest.raises(Exception, match="zero_points"):
         ort_run((flat[0::2] | (flat[1::2] << 4)).astype(np.uint8))
+
+
+def _distilbert(dtype):
+    from transformers import DistilBertConfig, DistilBertModel
+    torch.manual_seed(0)
+    m = DistilBertModel(DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128)).eval().to(dtype)
+    ids = torch.randint(0, 256, (2, 16))
+    return m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_float16_export_verifies_with_a_dtype_aware_tolerance(tmp_path):
+    m, inputs = _distilbert(torch.float16)
+    rep = fxopt.optimize(m, "cleanup", inputs, dynamic=True).export_onnx(tmp_path / "h.onnx")
+    assert rep.verified and rep.max_rel < 4 * torch.finfo(torch.float16).eps
+
+
+def test_bfloat16_export_says_what_to_do_and_writes_nothing(tmp_path):
+    m, inputs = _distilbert(torch.bfloat16)
+    path = tmp_path / "b.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(LoweringError, match=r"bfloat16.*model.float\(\).*verify=False"):
+        fxopt.optimize(m, "cleanup", inputs, dynamic=True).export_onnx(path)
+    assert path.read_bytes() == b"old"
