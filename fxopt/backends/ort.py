@@ -5,6 +5,10 @@
 * ``matmulnbits_accuracy_level``: ORT rewrites weight-only ``DequantizeLinear → MatMul`` into
   ``MatMulNBits`` and by default (level 4) quantizes the *activations* to int8 there; fxopt asks
   for level 1 (fp32 compute) so weight-only models keep their accuracy. 4 trades it for speed.
+* ``spin``: ORT's intra-op threads spin-wait after each run (its default, lowest latency when ORT
+  has the machine to itself). ``spin=False`` lets them sleep — needed when ORT runs interleaved with
+  PyTorch on the same cores: spinning threads took the CPU from the next PyTorch call and made
+  eager MiniLM look 28× slower in ``fxopt demo`` on 2 cores (337 ms vs. 12 ms alone).
 * ``optimized_model_path``: where ORT saves the graph *after* its optimizations, so callers can
   prove what it fused — :meth:`OrtBackend.optimized_op_types` lists the op types there
   (``MatMulIntegerToFloat``, ``QLinearMatMul``... for quantized models).
@@ -35,7 +39,7 @@ class OrtBackend:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, opt_level: str = "all",
                  optimized_model_path: str | os.PathLike | None = None, providers: list[str] | None = None,
-                 matmulnbits_accuracy_level: int = 1):
+                 matmulnbits_accuracy_level: int = 1, spin: bool = True):
         import onnxruntime as ort
 
         if opt_level not in _LEVELS:
@@ -54,11 +58,13 @@ class OrtBackend:
         # computes it with int8-quantized activations (accuracy level 4). Weight-only models must
         # keep float activations: level 1 = fp32 compute.
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int(matmulnbits_accuracy_level)))
+        if not spin:        # idle threads sleep at once instead of spinning (fair timing next to other engines)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.optimized_model_path = Path(optimized_model_path) if optimized_model_path else None
         if self.optimized_model_path:
             so.optimized_model_filepath = str(self.optimized_model_path)
         self._options = dict(threads=threads, opt_level=opt_level, providers=providers,
-                             matmulnbits_accuracy_level=matmulnbits_accuracy_level)
+                             matmulnbits_accuracy_level=matmulnbits_accuracy_level, spin=spin)
         self.session = ort.InferenceSession(str(self.path), so, providers=providers or ["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
