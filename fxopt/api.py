@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -10,7 +11,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from .ir.capture import capture
+from .ir.capture import CaptureError, capture
 from .ir.graph import ExampleInputs, clone, call, flatten_tensors
 from .ir.meta import CAPTURE
 from .passes.base import PassContext, PassError
@@ -107,14 +108,21 @@ def optimize(
         passes: pipeline text (``"cleanup"``, ``"dce,cse"``), a list of names / texts / Pass
             objects, or None for no pass.
         example_inputs: a tensor, a tuple (positional) or a dict (keyword; HF tokenizer output).
-        calibration: an iterable of inputs of the same form, for passes that calibrate.
+            Non-tensor values (``use_cache=True``, a cache) are bound at capture; the model only ever
+            runs on deep copies of them, so the caller's objects are unchanged, whatever happens.
+        calibration: an iterable of inputs of the same form, for passes that calibrate; every batch
+            is checked against ``example_inputs`` up front (same form, no missing input; extra keys
+            are ignored with a warning).
         dynamic: ``True`` captures batch (dim 0) and sequence (dim 1) as dynamic dims.
         print_after: ``True`` prints the graph after every pass, or a set of pass names;
         print_after_change: print only after passes that changed the graph.
         dump_dir: write ``NNN_<pass>.txt`` per pass there.
         bisect: run only the first N passes (the rest are recorded as skipped).
         reproducer_dir: where a failing pass writes its reproducer.
-        check_exact: verify that passes declared exact keep the outputs (float tolerance).
+        check_exact: verify that passes declared exact keep the outputs (float tolerance, widened to
+            the dtype's own rounding in bfloat16/float16 models).
+        measure_drift: record each pass's drift vs. the original model (in float64; a graph that
+            cannot be measured gets drift ``None`` and a note saying why).
         layerwise_calibration: calibrate one layer at a time for all batches (each layer's weights
             fetched once; see :func:`fxopt.passes.calibration.observe`).
         offload_dir: keep the captured graph's weights in files there, loaded only when read
@@ -127,7 +135,7 @@ def optimize(
     given = ExampleInputs.of(example_inputs)
     inputs, constants = given.split_constants()   # non-tensor kwargs (use_cache=False) are bound at capture
     pass_list = resolve(passes)          # bad pipeline text fails before the (slow) capture
-    calib = _calibration(calibration)
+    calib = _calibration(calibration, given)
     auto_dynamic = dynamic is None and calib is not None and _shapes_differ(inputs, calib)
     if auto_dynamic:
         dynamic = True                   # calibration batches of other lengths need dynamic dims
@@ -137,26 +145,43 @@ def optimize(
         gm = clone(model)
         reference_model = model
     else:
-        gm = capture(model, given, dynamic=dynamic, method=capture_method)
+        # capture runs the model on (a copy of) the inputs with FakeTensors: an input object the model
+        # updates in place (an HF DynamicCache) would keep fake keys, so capture gets its own copy
+        try:
+            gm = capture(model, _private_copy(given), dynamic=dynamic, method=capture_method)
+        except CaptureError as e:
+            hint = _unflattenable_hint(constants)
+            if hint:
+                raise CaptureError(f"{e}\n{hint}") from e
+            raise
         reference_model = model
+        if CAPTURE.get(gm) is not None and constants:     # what was bound, as the caller gave it (not the run copy)
+            CAPTURE.get(gm).bound_kwargs.update(_private_copy(ExampleInputs((), constants)).kwargs)
     if offload_dir is not None:
         from .ir.offload import offload_parameters
         offload_parameters(gm, offload_dir)
     capture_seconds = time.perf_counter() - t0
 
     bound = CAPTURE.get(gm).bound_kwargs if CAPTURE.get(gm) else {}
-    ref_inputs = ExampleInputs(inputs.args, {**inputs.kwargs, **({} if isinstance(model, torch.fx.GraphModule)
-                                                                 else {**bound, **constants})})
+    # the reference run gets a fresh copy of the caller's constants: the copies bound at capture were run
+    # there (a cache was extended, with FakeTensors)
+    ref_inputs = _private_copy(ExampleInputs(inputs.args, {**inputs.kwargs, **(
+        {} if isinstance(model, torch.fx.GraphModule) else {**{k: v for k, v in bound.items() if k not in constants},
+                                                           **constants})}))
     flags = {m: m.training for m in reference_model.modules()}   # restored exactly: never mutate the caller's model
+    reference, ref_problem = None, None
     try:
         if not isinstance(reference_model, torch.fx.GraphModule):  # exported graphs refuse .eval(); they are eval already
             reference_model.eval()
-        reference = flatten_tensors(call(reference_model, ref_inputs))
+        reference = [t.detach() for t in flatten_tensors(call(reference_model, ref_inputs))]
+    except Exception as e:  # noqa: BLE001 - the graph was captured; only drift is lost, and the record says why
+        ref_problem = (f"drift not measured: the original model failed on example_inputs ({type(e).__name__}: "
+                       f"{(str(e).strip().splitlines() or [''])[0][:300]})")
     finally:
         for m, flag in flags.items():
             m.training = flag
 
-    ctx = PassContext(example_inputs=inputs, reference_outputs=[t.detach() for t in reference],
+    ctx = PassContext(example_inputs=inputs, reference_outputs=reference,
                       calibration=calib, calibration_mode="layerwise" if layerwise_calibration else "batch")
     insts: list[Instrument] = list(instruments)
     if print_after or print_after_change:
@@ -170,6 +195,10 @@ def optimize(
                           measure=measure_drift)
 
     notes0 = list(CAPTURE.get(gm).normalizations) if CAPTURE.get(gm) else []
+    notes0 += [f"{k} ({type(v).__name__}) is bound at capture: the graph always uses the value it was captured with"
+               for k, v in constants.items() if not isinstance(model, torch.fx.GraphModule) and not _plain(v)]
+    if ref_problem and measure_drift:
+        notes0.append(ref_problem)
     if auto_dynamic:
         notes0.append("captured with dynamic batch/seq: calibration batches have other shapes than example_inputs")
     rec0 = make_record(0, "capture", gm, ctx, modified=False, seconds=capture_seconds, status="captured",
@@ -182,16 +211,89 @@ def optimize(
                           example_inputs=inputs, capture_seconds=capture_seconds)
 
 
-def _calibration(calibration) -> list[ExampleInputs] | None:
+def _private_copy(inputs: ExampleInputs) -> ExampleInputs:
+    """``inputs`` with every non-tensor value deep-copied (tensors are shared).
+
+    Running a model may change an input object in place: an HF ``DynamicCache`` grows by one step
+    per call, and under torch.export it is filled with FakeTensors. fxopt only ever runs copies, so
+    the caller's objects are the same after ``optimize``, whether it succeeds or raises.
+    """
+    def copied(name: str, v: Any) -> Any:
+        if isinstance(v, torch.Tensor) or _plain(v):
+            return v
+        try:
+            return clone(v)
+        except Exception as e:  # noqa: BLE001
+            raise PassError(f"example input {name!r} ({type(v).__name__}) cannot be deep-copied ({type(e).__name__}: "
+                            f"{e}); fxopt runs the model on copies of non-tensor inputs so that the caller's stay "
+                            "unchanged: pass tensors, or an object copy.deepcopy accepts") from e
+    return ExampleInputs(tuple(copied(f"arg{i}", a) for i, a in enumerate(inputs.args)),
+                         {k: copied(k, v) for k, v in inputs.kwargs.items()})
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _unflattenable_hint(constants: dict[str, Any]) -> str:
+    """What to do when an input object (an HF cache) is one torch.export cannot flatten."""
+    import torch.utils._pytree as pytree
+
+    bad = [(k, type(v).__name__) for k, v in constants.items()
+           if type(v).__name__.endswith("Cache") and type(v) not in pytree.SUPPORTED_NODES]
+    if not bad:
+        return ""
+    names = ", ".join(f"{k!r} is a {t}" for k, t in bad)
+    return (f"Example input {names}, which torch.export cannot flatten (the model returns it): register it first "
+            "(transformers.integrations.executorch.register_dynamic_cache_export_support() for a DynamicCache; the "
+            "graph then uses this cache as a constant), or capture without a cache. Your cache is unchanged.")
+
+
+def _calibration(calibration, example: ExampleInputs | None = None) -> list[ExampleInputs] | None:
     if calibration is None:
         return None
     if isinstance(calibration, (torch.Tensor, dict)):
         raise PassError("calibration must be an iterable of inputs (a list of batches), not a single batch: "
                         "wrap it in a list")
-    batches = [ExampleInputs.of(c).split_constants()[0] for c in calibration]
+    batches = []
+    for i, c in enumerate(calibration):
+        b = ExampleInputs.of(c)
+        if example is not None:
+            _check_batch(i, b, example)
+        batches.append(b.split_constants()[0])
     if not batches:
         raise PassError("calibration data is empty: give at least one batch of inputs")
     return batches
+
+
+def _form(x: ExampleInputs) -> str:
+    if x.kwargs and not x.args:
+        return f"a dict with keys {sorted(x.kwargs)}"
+    if len(x.args) == 1 and not x.kwargs:
+        return "one tensor" if isinstance(x.args[0], torch.Tensor) else "one positional input"
+    return f"{len(x.args)} positional inputs" + (f" and keys {sorted(x.kwargs)}" if x.kwargs else "")
+
+
+def _check_batch(i: int, batch: ExampleInputs, example: ExampleInputs) -> None:
+    """A calibration batch must give every tensor input the example gives, in the same form
+    (positional or keyword); keys the example does not have are ignored, with a warning."""
+    def fail(problem: str) -> None:
+        raise PassError(f"calibration batch {i} {problem}; example_inputs is {_form(example)}: give every "
+                        "calibration batch in the same form, with the same inputs")
+
+    if len(batch.args) != len(example.args):
+        fail(f"is {_form(batch)}")
+    for j, (a, e) in enumerate(zip(batch.args, example.args)):
+        if isinstance(e, torch.Tensor) and not isinstance(a, torch.Tensor):
+            fail(f"has {type(a).__name__} as positional input {j}, where example_inputs has a tensor")
+    needed = [k for k, v in example.kwargs.items() if isinstance(v, torch.Tensor)]
+    missing = [k for k in needed if not isinstance(batch.kwargs.get(k), torch.Tensor)]
+    if missing:
+        fail(f"is missing {missing} (it is {_form(batch)})")
+    extra = sorted(k for k in batch.kwargs if k not in example.kwargs)
+    if extra:
+        warnings.warn(f"calibration batch {i} has keys example_inputs does not have: {extra}; they are ignored "
+                      f"(the graph was captured with {sorted(example.kwargs)})", stacklevel=4)
 
 
 def _shapes_differ(inputs: ExampleInputs, batches: list[ExampleInputs]) -> bool:

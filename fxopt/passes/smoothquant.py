@@ -265,17 +265,23 @@ class SmoothQuant(Pass):
     # ------------------------------------------------------------------ rewrite
 
     def _apply(self, gm: torch.fx.GraphModule, g: SmoothGroup, s: torch.Tensor) -> None:
+        # rescaled in (at least) float32 and rounded once to the tensor's dtype: in a bf16/fp16 model
+        # s is never rounded to the low-precision dtype first
         sf = g.fold_scale(s)
         for target, dim in g.fold:
             t = get_attr(gm, target)
             shape = [1] * t.dim()
             shape[dim] = -1
-            set_attr(gm, target, (t.detach() / sf.to(t.dtype).reshape(shape)).contiguous())
+            wide = torch.promote_types(t.dtype, torch.float32)
+            set_attr(gm, target, (t.detach().to(wide) / sf.to(wide).reshape(shape)).to(t.dtype).contiguous())
         for c in g.consumers:
             w = get_attr(gm, c.weight)
-            set_attr(gm, c.weight, (w.detach() * s.to(w.dtype)).contiguous())
+            wide = torch.promote_types(w.dtype, torch.float32)
+            set_attr(gm, c.weight, (w.detach().to(wide) * s.to(wide)).to(w.dtype).contiguous())
         for user, via in g.compensate:
-            const = add_constant(gm, f"_smooth.{user.name}", s.clone(), before=user)
+            val = via.meta.get("val")             # X·s in X's dtype: a float32 s would promote a bf16 X
+            dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
+            const = add_constant(gm, f"_smooth.{user.name}", s.to(dtype, copy=True), before=user)
             with gm.graph.inserting_before(user):
                 mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (via, const))
             mul.meta["val"] = via.meta.get("val")
