@@ -112,7 +112,7 @@ VARIANTS = [
 ]
 # The portable int8 form (7-bit weights where u8×s8 pairs saturate): what an AVX2 CPU runs, exactly.
 VARIANTS.insert(1, ("sq-auto-portable", "fxopt W8A8 static + SQ α=auto, target portable (AVX2 form)",
-                    "smoothquant{alpha=auto},insert-qdq{target=portable},fuse-qdq"))
+                    "smoothquant{alpha=auto,target=portable},insert-qdq{target=portable},fuse-qdq"))
 # Ablation: the same pipeline exported as plain QDQ with the exporter's SDPA (no fxopt lowering rewrites).
 VARIANTS.insert(1, ("sq-auto-qdq", "fxopt W8A8 static + SQ α=auto, plain QDQ export",
                     "smoothquant{alpha=auto},insert-qdq,fuse-qdq"))

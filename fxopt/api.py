@@ -113,7 +113,10 @@ def optimize(
         calibration: an iterable of inputs of the same form, for passes that calibrate; every batch
             is checked against ``example_inputs`` up front (same form, no missing input; extra keys
             are ignored with a warning).
-        dynamic: ``True`` captures batch (dim 0) and sequence (dim 1) as dynamic dims.
+        dynamic: ``None`` (default): batch and sequence dims dynamic where the model allows it (so the
+            graph, its backends and its ONNX export take other shapes), else static with a note in
+            the capture record; ``True``: dynamic or an error; ``False``: static shapes; a dict
+            ``{input: {dim: name}}`` picks the axes.
         print_after: ``True`` prints the graph after every pass, or a set of pass names;
         print_after_change: print only after passes that changed the graph.
         dump_dir: write ``NNN_<pass>.txt`` per pass there.
@@ -136,9 +139,8 @@ def optimize(
     inputs, constants = given.split_constants()   # non-tensor kwargs (use_cache=False) are bound at capture
     pass_list = resolve(passes)          # bad pipeline text fails before the (slow) capture
     calib = _calibration(calibration, given)
-    auto_dynamic = dynamic is None and calib is not None and _shapes_differ(inputs, calib)
-    if auto_dynamic:
-        dynamic = True                   # calibration batches of other lengths need dynamic dims
+    auto_dynamic = dynamic is None       # dynamic batch/sequence where the model allows it, else static with a note
+    static_reason = None
 
     t0 = time.perf_counter()
     if isinstance(model, torch.fx.GraphModule) and CAPTURE.get(model) is not None:
@@ -148,7 +150,18 @@ def optimize(
         # capture runs the model on (a copy of) the inputs with FakeTensors: an input object the model
         # updates in place (an HF DynamicCache) would keep fake keys, so capture gets its own copy
         try:
-            gm = capture(model, _private_copy(given), dynamic=dynamic, method=capture_method)
+            if auto_dynamic:
+                try:
+                    gm = capture(model, _private_copy(given), dynamic=True, method=capture_method)
+                except CaptureError as e:
+                    if calib is not None and _shapes_differ(inputs, calib):
+                        raise CaptureError(f"{e}\nThe calibration batches have other shapes than example_inputs, "
+                                           "which needs dynamic dims: pad every batch to one shape, or fix the "
+                                           "construct above") from e
+                    static_reason = str(e).strip().splitlines()[0][:200]
+                    gm = capture(model, _private_copy(given), dynamic=False, method=capture_method)
+            else:
+                gm = capture(model, _private_copy(given), dynamic=dynamic, method=capture_method)
         except CaptureError as e:
             hint = _unflattenable_hint(constants)
             if hint:
@@ -199,8 +212,9 @@ def optimize(
                for k, v in constants.items() if not isinstance(model, torch.fx.GraphModule) and not _plain(v)]
     if ref_problem and measure_drift:
         notes0.append(ref_problem)
-    if auto_dynamic:
-        notes0.append("captured with dynamic batch/seq: calibration batches have other shapes than example_inputs")
+    if static_reason:
+        notes0.append(f"captured with static shapes (the exported file takes only these input shapes): the dynamic "
+                      f"capture failed: {static_reason}")
     rec0 = make_record(0, "capture", gm, ctx, modified=False, seconds=capture_seconds, status="captured",
                        notes=notes0, drift=measure_drift)
     for inst in insts:

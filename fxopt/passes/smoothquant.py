@@ -32,7 +32,10 @@ affine weight, when it matches ``exclude``, or when calibration saw nothing for 
 group on sampled calibration rows, minimizing the relative error of the quantized product
 ``‖Q_a(X/s) Q_w(W s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖²`` summed over the group's linears, with ``Q_w``
 per-channel symmetric int8 and ``Q_a`` per-tensor asymmetric uint8 (``search=static``) or
-per-token symmetric int8 (``search=dynamic``). ``overrides="down_proj=0.8|query=0.6"`` sets α for
+per-token symmetric int8 (``search=dynamic``). With u8 activations ``Q_w`` uses the weight range
+``insert-qdq{target=...}`` will use (``target``, default ``auto``: ``[−64, 64]`` on CPUs whose u8×s8
+GEMM saturates int16 pairs, ``[−127, 127]`` with VNNI/AMX/ARM dot products; see
+:mod:`fxopt.backends.isa`). ``overrides="down_proj=0.8|query=0.6"`` sets α for
 groups whose consumer path contains a key.
 
 Exact: in float the function is unchanged (the manager checks it); quantization comes later
@@ -51,6 +54,7 @@ from typing import ClassVar
 import torch
 import torch.fx
 
+from ..backends import isa
 from ..ir.graph import add_constant, get_attr, set_attr
 from ..ir.meta import PROVENANCE, SOURCE_PATH, describe, module_path
 from ..ir.structure import (LinearInfo, channel_groups, compute_users, norm_groups, scales_linearly,
@@ -105,6 +109,7 @@ class SmoothQuant(Pass):
     linear_pairs: bool = True
     value_output: bool = True
     sample_rows: int = 256
+    target: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.alpha, str) and self.alpha != "auto":
@@ -113,6 +118,8 @@ class SmoothQuant(Pass):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.search not in ("static", "dynamic"):
             raise ValueError("search must be 'static' or 'dynamic'")
+        if self.target != "auto":
+            isa.normalize(self.target)                 # a clear error for a bad name
         for o in self.overrides:
             if "=" not in o:
                 raise ValueError(f"override {o!r} must look like key=alpha (e.g. down_proj=0.8)")
@@ -240,6 +247,9 @@ class SmoothQuant(Pass):
         ref = [rows @ w.t() for w in weights]
         norm = sum(float((r * r).sum()) for r in ref) or 1.0
         static = self.search == "static" and st is not None and st.min is not None
+        # the weights insert-qdq will make: 7-bit where the target's u8×s8 GEMM saturates int16 pairs
+        # (u8 activations: static, dynamic per tensor), full int8 for per-token s8 activations
+        qmax = isa.FULL_QMAX if self.search == "dynamic" else isa.weight_qmax(self.target)
         best, best_err, errs = 0.5, float("inf"), {}
         for a in ALPHA_GRID:
             s = smoothing_scale(xmax, wmax, a)
@@ -252,9 +262,9 @@ class SmoothQuant(Pass):
             else:
                 xq = fq.act_dynamic_tensor(rows / s)
             if static:
-                e = sum(fq.relative_error(xq @ fq.weight_per_channel(w * s).t(), r) for w, r in zip(weights, ref))
+                e = sum(fq.relative_error(xq @ fq.weight_per_channel(w * s, qmax).t(), r) for w, r in zip(weights, ref))
             else:
-                e = sum(float(((xq @ fq.weight_per_channel(w * s).t() - r) ** 2).sum()) for w, r in zip(weights, ref))
+                e = sum(float(((xq @ fq.weight_per_channel(w * s, qmax).t() - r) ** 2).sum()) for w, r in zip(weights, ref))
                 e /= norm
             errs[a] = e
             if errs[a] < best_err:

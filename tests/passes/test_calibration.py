@@ -70,5 +70,25 @@ def test_calibration_of_other_shapes_captures_dynamic(tiny_gpt):
     (idx,) = tiny_gpt.example_inputs
     calib = [(idx[:, :10],), (idx[:3, :20],)]
     res = fxopt.optimize(tiny_gpt.model, "smoothquant", tiny_gpt.example_inputs, calibration=calib)
-    assert "captured with dynamic batch/seq" in res.records[0].notes[-1]
+    from fxopt.ir.meta import CAPTURE
+    assert CAPTURE.get(res.module).dynamic_axes == {"idx": {0: "batch", 1: "seq"}}
     assert res.records[-1].modified
+
+
+class FixedShape(torch.nn.Module):
+    """Reshapes to constants: no dynamic capture exists for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x).reshape(2, 4, 8)
+
+
+def test_a_model_without_dynamic_shapes_is_captured_static_with_a_note():
+    x = torch.randn(2, 4, 8)
+    res = fxopt.optimize(FixedShape(), "cleanup", (x,))
+    assert any("captured with static shapes" in n for n in res.records[0].notes)
+    with pytest.raises(fxopt.CaptureError, match="calibration batches have other shapes"):
+        fxopt.optimize(FixedShape(), "smoothquant", (x,), calibration=[(torch.randn(2, 4, 8),), (torch.randn(1, 8, 8),)])
