@@ -20,6 +20,12 @@ def fxopt_revision() -> str:
     return f"{head or 'unknown'}" + (f" + uncommitted changes in {len(dirty.splitlines())} fxopt file(s)" if dirty else " (clean fxopt/)")
 
 
+def cpu_line() -> str:
+    """The CPU, its int8 ISA (what decides int8 weight ranges and kernels) and its cores: every table's header."""
+    from fxopt.backends import isa
+    return f"CPU: {isa.detect().line()}"
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

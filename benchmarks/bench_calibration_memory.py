@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log  # noqa: E402
+from _common import cpu_line, fxopt_revision, log  # noqa: E402
 
 MODES = ("batch", "layerwise", "layerwise+offload")
 
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
             r["logits"] = torch.load(out.with_suffix(".pt"))
             rows.append(r)
     base = rows[0]
+    print(cpu_line())
     print(f"SmolLM2-135M, smoothquant{{alpha=0.5}},insert-qdq, {a.calib} calibration windows × {a.window} tokens; "
           f"fxopt {fxopt_revision()}\n")
     hdr = ["mode", "peak RSS MiB", "RSS after load MiB", "pipeline MiB (peak − load)", "× batch",

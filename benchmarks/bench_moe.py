@@ -60,7 +60,7 @@ from fxopt.ir import moeops
 from fxopt.passes.moe_recompile import MoERuntime, plan_from_profile, simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log  # noqa: E402
+from _common import cpu_line, fxopt_revision, log  # noqa: E402
 from _moe_upcycle import upcycle  # noqa: E402
 from bench_quant_smollm2 import CORPUS, load_smollm2, logits_of, render, windows  # noqa: E402
 
@@ -438,6 +438,7 @@ def print_report(args, configs, live, info, stream, domain, sh, mi, dense_nll, c
         return math.exp(sum(sel) / (n_tok * len(sel)))
 
     print(f"date: {date}")
+    print(cpu_line())
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, load average "
           f"{load_start:.2f} at start / {os.getloadavg()[0]:.2f} at end")
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "

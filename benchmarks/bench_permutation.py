@@ -34,6 +34,9 @@ import torch
 
 from fxopt.passes._permutation_search import kept_magnitude, search_permutation
 
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+from _common import cpu_line  # noqa: E402
+
 
 def run_row(rows, cols, label, **kw):
     torch.manual_seed(1)
@@ -68,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    print(cpu_line() + "; 1 torch thread")
 
     plan = [
         (64, 128, "default", dict()),

@@ -42,6 +42,9 @@ import torch
 import fxopt
 from fxopt import models
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_line  # noqa: E402
+
 ARCHS = {"bert": "bert-tiny", "llama": "llama-tiny"}
 PIPELINE = "cleanup"
 
@@ -201,6 +204,7 @@ def environment() -> list[str]:
         tf = "absent"
     return [
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        cpu_line(),
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"python {platform.python_version()}, torch {torch.__version__}, onnx {onnx.__version__}, "

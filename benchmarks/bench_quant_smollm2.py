@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import fxopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log, render_table, run_with_hooks  # noqa: E402
+from _common import cpu_line, fxopt_revision, log, render_table, run_with_hooks  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     import transformers
     print(f"date: {date}")
+    print(cpu_line())
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, load average "
           f"{load_start:.2f} at start / {os.getloadavg()[0]:.2f} at end")
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "

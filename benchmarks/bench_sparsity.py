@@ -47,7 +47,7 @@ import fxopt
 from fxopt.passes import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fxopt_revision, log  # noqa: E402
+from _common import cpu_line, fxopt_revision, log  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
@@ -297,6 +297,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
+    print(cpu_line())
     print(f"bench_sparsity: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
           f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads; "
           f"fxopt {fxopt_revision()}; permute-channels registered: {'permute-channels' in registry()}")
