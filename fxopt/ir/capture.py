@@ -19,7 +19,23 @@ After export the graph is normalized:
 1. ``addmm(bias, x, W)`` with a ``get_attr`` weight of shape ``[in, out]`` (GPT-2's ``Conv1D``)
    becomes ``linear(x, Wᵀ, bias)``: the parameter is stored transposed so every pass sees one
    linear form. Shared weights are never transposed in place.
-2. Parameters are frozen (``requires_grad=False``) so outputs carry no autograd graph.
+2. ``matmul(x, Wᵀ)`` / ``mm(x, Wᵀ)`` with a 2-D ``get_attr`` weight read through ``t`` / ``numpy_T`` /
+   ``permute([1, 0])`` / ``transpose(0, 1)`` (Falcon's ``FalconLinear``: ``x @ W.T + b``), and the
+   ``add`` of a 1-D bias parameter of ``out`` channels that follows it when it is the matmul's only
+   user, becomes ``linear(x, W, b)`` — the same product in ``nn.Linear`` layout, nothing stored anew.
+3. Parameters are frozen (``requires_grad=False``) so outputs carry no autograd graph.
+
+Both rewrites are listed in :class:`~fxopt.ir.meta.CaptureInfo` ``normalizations``.
+
+**Dynamic dims** (``dynamic=True``) are chosen per input by its name: ``batch`` (dim 0) for every
+input; also the sequence (dim 1) for token inputs (``input_ids``, ``attention_mask``,
+``token_type_ids``, ...; ``decoder_*`` inputs get their own ``decoder_seq``; ``cache_position`` is
+the sequence) and for inputs of other names; the batch only for image and audio inputs
+(``pixel_values``: ViT's patch grid and position table fix H×W; ``input_features``: Whisper's 80
+mel bins and 3000 frames are fixed). Export then decides: a requested dim that the model fixes
+stays static, and only the dims still symbolic in the captured graph are recorded
+(``CaptureInfo.dynamic_axes``, what ONNX lowering makes dynamic), with a note for each one dropped
+(in ``normalizations``).
 """
 from __future__ import annotations
 
@@ -30,16 +46,30 @@ from typing import Any, Mapping
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .graph import ExampleInputs, clone, flatten_tensors, get_attr, set_attr, fresh_attr_name
+from .graph import ExampleInputs, attr_meta, clone, flatten_tensors, get_attr, set_attr, fresh_attr_name
 from .meta import CAPTURE, CaptureInfo, SOURCE_PATH, describe, module_path
+
+
+aten = torch.ops.aten
 
 
 class CaptureError(RuntimeError):
     """The model could not be captured; the message names the construct and what to try."""
 
 
-DYNAMIC_NAMES = {0: "batch", 1: "seq"}
+#: inputs whose dim 1 is a decoder's own sequence (encoder-decoder models: T5, Whisper, BART)
+DECODER_TOKEN_INPUTS = frozenset({
+    "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "decoder_inputs_embeds",
+    "decoder_token_type_ids",
+})
+#: image / audio inputs: only the batch dim is dynamic (their other dims are fixed by the model's
+#: patch grid, position table, mel bins or frame count)
+BATCH_ONLY_INPUTS = frozenset({
+    "pixel_values", "pixel_mask", "input_features", "input_values", "image_embeds", "pixel_values_videos",
+    "image_sizes", "feature_attention_mask",
+})
 
 
 def capture(
@@ -54,9 +84,10 @@ def capture(
     Args:
         model: any ``nn.Module``; it is deep-copied, never mutated.
         example_inputs: a tensor, a tuple (positional), a dict / ``BatchEncoding`` (keyword).
-        dynamic: ``True`` makes dim 0 of every tensor input the ``batch`` dim and dim 1 (for
-            inputs of rank ≥ 2) the ``seq`` dim; a mapping ``{input_name: {dim: name}}`` picks
-            exactly; ``None``/``False`` captures static shapes.
+        dynamic: ``True`` picks the dynamic dims per input (module docstring: ``batch`` for all,
+            ``seq`` for token inputs, batch only for ``pixel_values`` / ``input_features``); a
+            mapping ``{input_name: {dim: name}}`` picks exactly; ``None``/``False`` captures static
+            shapes. Either way only the dims the model leaves dynamic are recorded.
         method: ``"auto"`` (export, then symbolic_trace+export), ``"export"`` or ``"fx"``.
     """
     if not isinstance(model, torch.nn.Module):
@@ -94,7 +125,8 @@ def capture(
 
     for p in gm.parameters():
         p.requires_grad_(False)
-    normalizations = _normalize_addmm(gm)
+    dyn_axes, dyn_notes = _realized_axes(gm, dyn_axes) if dyn_axes else (dyn_axes, [])
+    normalizations = _normalize_addmm(gm) + _normalize_matmul(gm) + dyn_notes
     gm.graph.lint()
     gm.recompile()
 
@@ -160,7 +192,7 @@ def _dynamic_axes(work, inputs: ExampleInputs, dynamic) -> dict[str, dict[int, s
         out = {}
         for name, t in zip(names, _tensors(inputs)):
             if t.dim() >= 1:
-                out[name] = {d: DYNAMIC_NAMES[d] for d in range(min(t.dim(), 2))}
+                out[name] = _default_axes(name, t.dim())
         return out
     if isinstance(dynamic, Mapping):
         unknown = [k for k in dynamic if k not in names]
@@ -168,6 +200,40 @@ def _dynamic_axes(work, inputs: ExampleInputs, dynamic) -> dict[str, dict[int, s
             raise CaptureError(f"dynamic axes name unknown inputs {unknown}; the inputs are {names}")
         return {k: {int(d): str(n) for d, n in v.items()} for k, v in dynamic.items()}
     raise CaptureError("dynamic must be True, None, or {input_name: {dim: name}}")
+
+
+def _default_axes(name: str, rank: int) -> dict[int, str]:
+    """The dims ``dynamic=True`` asks for on input ``name`` (module docstring, *Dynamic dims*)."""
+    if name == "cache_position":
+        return {0: "seq"}
+    if name in BATCH_ONLY_INPUTS or rank == 1:
+        return {0: "batch"}
+    if name in DECODER_TOKEN_INPUTS:
+        return {0: "batch", 1: "decoder_seq"}
+    return {0: "batch", 1: "seq"}            # input_ids, attention_mask, ...; other names (TinyGPT's idx, x)
+
+
+def _realized_axes(gm: torch.fx.GraphModule, axes: dict[str, dict[int, str]]
+                   ) -> tuple[dict[str, dict[int, str]], list[str]]:
+    """Keep the requested dims that are still symbolic in ``gm``'s inputs; a note per dim dropped.
+
+    Export was asked for ``Dim.AUTO``, which lets the model fix a dim (ViT's 3 channels, Whisper's
+    80 mel bins, a batch of 1); recording such a dim as dynamic would make ONNX lowering fail."""
+    vals = {n.target: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+    kept, notes = {}, []
+    for name, dims in axes.items():
+        v = vals.get(name)
+        if not isinstance(v, torch.Tensor):
+            kept[name] = dict(dims)                # no shape to check (a renamed input): as asked
+            continue
+        keep = {d: n for d, n in dims.items() if d < v.dim() and not is_concrete_int(v.shape[d])}
+        for d in sorted(set(dims) - set(keep)):
+            size = v.shape[d] if d < v.dim() else "?"
+            notes.append(f"dynamic axes: {name} dim {d} ({dims[d]}) kept static at {size}: the model fixes it"
+                         + (" (or the example has 1 there: give 2 or more)" if size == 1 else ""))
+        if keep:
+            kept[name] = keep
+    return kept, notes
 
 
 def _tensors(inputs: ExampleInputs) -> list[torch.Tensor]:
@@ -295,6 +361,74 @@ def _normalize_addmm(gm: torch.fx.GraphModule) -> list[str]:
         gm.graph.erase_node(node)
         done.append(f"addmm->linear: {module_path(lin) or lin.name}")
     return done
+
+
+#: ops that read a 2-D weight transposed: ``W.t()``, ``W.T``, ``W.permute(1, 0)``, ``W.transpose(0, 1)``
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
+_MATMULS = {aten.matmul.default, aten.mm.default}
+
+
+def _transposed_param(gm, n) -> torch.fx.Node | None:
+    """The ``get_attr`` node of a 2-D parameter that ``n`` reads transposed, else None."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in _TRANSPOSES):
+        return None
+    w = n.args[0]
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        return None
+    t = attr_meta(gm, w.target)
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+        return None
+    if n.target is aten.permute.default and [d % 2 for d in n.args[1]] != [1, 0]:
+        return None
+    if n.target is aten.transpose.int and sorted(d % 2 for d in n.args[1:3]) != [0, 1]:
+        return None
+    return w
+
+
+def _normalize_matmul(gm: torch.fx.GraphModule) -> list[str]:
+    """Rewrite ``matmul(x, Wᵀ)`` / ``mm(x, Wᵀ)`` (+ ``add`` of a 1-D bias parameter) into ``linear(x, W, b)``.
+
+    Exact: ``linear`` computes the same ``x · Wᵀ (+ b)``; the weight keeps its storage and name. The
+    bias is folded only when the add is the product's only user and the bias is a parameter of
+    ``out`` elements (so the add broadcasts along the last dim, as ``linear``'s bias does)."""
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _MATMULS or len(node.args) != 2 or node.kwargs:
+            continue
+        x, wt = node.args
+        w = _transposed_param(gm, wt)
+        xv, yv = node.args[0].meta.get("val") if isinstance(x, torch.fx.Node) else None, node.meta.get("val")
+        if w is None or not isinstance(xv, torch.Tensor) or xv.dim() < 1 or not isinstance(yv, torch.Tensor):
+            continue
+        out_f = attr_meta(gm, w.target).shape[0]
+        bias, last = None, node
+        users = [u for u in node.users if not _is_check(u)]
+        if len(users) == 1 and len(node.users) == 1:
+            add = users[0]
+            if add.op == "call_function" and add.target is aten.add.Tensor and len(add.args) == 2 and not add.kwargs:
+                other = add.args[1] if add.args[0] is node else add.args[0]
+                is_param = isinstance(other, torch.fx.Node) and other.op == "get_attr"
+                bv = attr_meta(gm, other.target) if is_param else None
+                av = add.meta.get("val")
+                if isinstance(bv, torch.Tensor) and bv.dim() == 1 and bv.shape[0] == out_f and \
+                        bv.dtype == yv.dtype and isinstance(av, torch.Tensor) and av.shape == yv.shape:
+                    bias, last = other, add
+        with gm.graph.inserting_before(last):
+            lin = gm.graph.call_function(aten.linear.default, (x, w, bias) if bias is not None else (x, w))
+        lin.meta.update(last.meta)
+        if "nn_module_stack" not in lin.meta and "nn_module_stack" in node.meta:
+            lin.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+        last.replace_all_uses_with(lin)
+        for dead in dict.fromkeys((last, node, wt)):         # the add, the product, the transpose
+            if isinstance(dead, torch.fx.Node) and not dead.users and dead.op == "call_function":
+                gm.graph.erase_node(dead)
+        done.append(f"matmul->linear: {module_path(lin) or lin.name}" + (" (bias folded)" if bias is not None else ""))
+    return done
+
+
+def _is_check(n: torch.fx.Node) -> bool:
+    return n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and \
+        n.target._schema.name.startswith("aten::_assert")
 
 
 def _unique_storage(gm, target: str) -> bool:

@@ -16,10 +16,16 @@ reason instead of being guessed.
   not model make the group *escape*, with the reason.
 * :func:`shared_parameters` — tensors read by more than one op or under more than one name
   (tied embeddings): a pass must not rescale them in place.
+* :func:`expert_weights` — 3-D parameters ``[E, ·, ·]`` read by a batched or grouped matmul (MoE
+  experts stacked in one tensor: HF transformers 5's ``grouped_mm`` / ``batched_mm`` experts,
+  ``fxopt::moe``), with the dim each matmul reduces over.
+* :func:`weight_coverage` — how many of the weights a weight-rewriting pass could touch (linear
+  weights and expert weights) it did touch, by count and by bytes, and which it left.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
 
 import networkx as nx
 import torch
@@ -547,3 +553,181 @@ def _transposes_swap_heads_and_seq(chain: list[torch.fx.Node]) -> bool:
                 if tuple(a.shape) != tuple(b.shape):
                     return False
     return True
+
+
+# --------------------------------------------------------------------------- expert weights and coverage
+
+
+@dataclass
+class ExpertWeight:
+    """A stacked expert weight: ``E`` matrices in one 3-D parameter, each read by a matmul.
+
+    ``in_dim`` (1 or 2) is the parameter's dim that the matmuls reduce over — each expert's input
+    features, along which an N:M mask runs (2 for HF's ``[E, out, in]`` layout, 1 once a
+    constant-folded transpose stores it ``[E, in, out]``)."""
+
+    weight: str
+    in_dim: int
+    experts: int
+    in_features: int             # per expert: the size of in_dim
+    out_features: int            # per expert: the size of the other matrix dim
+    users: list[torch.fx.Node]
+
+    @property
+    def path(self) -> str:
+        """The parameter's name (``model.layers.0.mlp.experts.down_proj``); for a tensor a pass made
+        (``_folded.transpose_4``) the module that reads it, with that name."""
+        if not self.weight.startswith("_") or not self.users:
+            return self.weight
+        where = module_path(self.users[0])
+        return f"{where} ({self.weight})" if where else self.weight
+
+
+def _grouped_mm_ops() -> set:
+    ops = set()
+    for ns, name in (("transformers", "grouped_mm_fallback"), ("aten", "_grouped_mm")):
+        try:
+            ops.add(getattr(getattr(torch.ops, ns), name).default)
+        except (AttributeError, RuntimeError):
+            pass
+    return ops
+
+
+def _moe_op():
+    try:
+        return torch.ops.fxopt.moe.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+#: ops through which an expert weight keeps its (expert, row, column) dims: casts, and indexing /
+#: slicing along the expert dim (HF ``batched_mm`` gathers ``W[expert_ids]``)
+_EXPERT_LAYOUT = TRANSPARENT | {aten.index.Tensor, aten.index_select.default, aten.select.int, aten.slice.Tensor}
+
+
+def expert_weights(gm: torch.fx.GraphModule) -> tuple[list[ExpertWeight], list[str]]:
+    """Every 3-D ``get_attr`` parameter read as the matrix operand of ``bmm`` / ``matmul`` /
+    ``baddbmm`` / a grouped matmul / ``fxopt::moe``, with the dim it is reduced over.
+
+    The walk from the parameter tracks where its two matrix dims are: transposes and permutes of
+    the last two dims swap them; casts and indexing along dim 0 keep them. A weight whose matmuls
+    disagree on the reduced dim, or that reaches any other op, is not returned; a note says why."""
+    grouped, moe_op = _grouped_mm_ops(), _moe_op()
+    out, notes = [], []
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        t = attr_meta(gm, n.target)
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            continue
+        dims: set[int] = set()
+        users: list[torch.fx.Node] = []
+        why = ""
+        stack = [(n, (1, 2))]               # (node, (param dim at -2, param dim at -1))
+        seen = set()
+        while stack:
+            cur, (a, b) = stack.pop()
+            for u in cur.users:
+                if (u, cur) in seen or _is_call(u, IGNORED_USERS):
+                    continue
+                seen.add((u, cur))
+                first = u.args[0] is cur if u.args else False
+                if _is_call(u, _EXPERT_LAYOUT) and first and _keeps_matrix_dims(u, cur):
+                    stack.append((u, (a, b)))
+                elif first and _swaps_matrix_dims(u, cur):
+                    stack.append((u, (b, a)))
+                elif _is_call(u, {aten.bmm.default, aten.matmul.default}) and cur in u.args[:2]:
+                    dims.add(a if u.args[1] is cur else b)      # right operand reduces its dim -2, left its -1
+                    users.append(u)
+                elif _is_call(u, {aten.baddbmm.default}) and cur in u.args[1:3]:
+                    dims.add(a if u.args[2] is cur else b)
+                    users.append(u)
+                elif _is_call(u, grouped) and len(u.args) > 1 and u.args[1] is cur:
+                    dims.add(a)                                  # grouped_mm(x [S, K], w [E, K, N])
+                    users.append(u)
+                elif moe_op is not None and _is_call(u, {moe_op}) and cur in u.args[2:4]:
+                    dims.add(b)                                  # fxopt::moe: nn.Linear layout per expert
+                    users.append(u)
+                else:
+                    why = why or f"reaches {describe(u)}"
+        if not users:
+            continue
+        if why or len(dims) != 1:
+            notes.append(f"3-D weight {n.target}: not treated as stacked expert weights: "
+                         + (why or "its matmuls reduce over different dims"))
+            continue
+        d = dims.pop()
+        out.append(ExpertWeight(n.target, d, int(t.shape[0]), int(t.shape[d]), int(t.shape[3 - d]), users))
+    return out, notes
+
+
+def _neg(d: int, n: torch.fx.Node) -> int:
+    v = _val(n)
+    return d - v.dim() if v is not None and d >= 0 else d
+
+
+def _swaps_matrix_dims(u: torch.fx.Node, cur: torch.fx.Node) -> bool:
+    """True when ``u`` transposes the last two dims of ``cur`` and keeps the others in place."""
+    if _is_call(u, {aten.transpose.int}):
+        return sorted(_neg(d, cur) for d in u.args[1:3]) == [-2, -1]
+    if _is_call(u, {aten.permute.default}):
+        dims = [_neg(d, cur) for d in u.args[1]]
+        return dims[-2:] == [-1, -2] and all(d == i - len(dims) for i, d in enumerate(dims[:-2]))
+    return False
+
+
+def _keeps_matrix_dims(u: torch.fx.Node, cur: torch.fx.Node) -> bool:
+    """True when ``u`` leaves the last two dims of ``cur`` as they are (casts; indexing dim 0)."""
+    if _is_call(u, TRANSPARENT):
+        return True
+    a, b = _val(cur), _val(u)
+    if a is None or b is None or a.dim() < 3 or b.dim() < 2 or tuple(a.shape[-2:]) != tuple(b.shape[-2:]):
+        return False
+    if _is_call(u, {aten.index.Tensor}):
+        idx = u.args[1]
+        return len(idx) == 1 and idx[0] is not None
+    if _is_call(u, {aten.index_select.default, aten.select.int, aten.slice.Tensor}):
+        return _neg(u.args[1], cur) == -a.dim()
+    return False
+
+
+class WeightCoverage(NamedTuple):
+    """What share of the rewritable weights a pass touched (see :func:`weight_coverage`)."""
+
+    n_touched: int
+    n_eligible: int
+    share: float                 # bytes of the touched weights / bytes of all eligible weights
+    untouched: list[str]         # module paths (or names) of the eligible weights left as they were
+
+
+def eligible_weights(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """``{weight target: module path}`` of the weights a weight rewrite (quantization, sparsity) applies
+    to: every linear's weight parameter and every stacked expert weight (:func:`expert_weights`)."""
+    out = {li.weight: li.path for li in linears(gm)}
+    for ew in expert_weights(gm)[0]:
+        out.setdefault(ew.weight, ew.path)
+    return out
+
+
+def weight_coverage(gm: torch.fx.GraphModule, touched: Iterable[str]) -> WeightCoverage:
+    """How many of the eligible weights of ``gm`` (:func:`eligible_weights`) are in ``touched``
+    (weight targets), and their share of the eligible bytes. Weights stored under several names
+    (tied) count once, by storage; call it on the graph *before* a rewrite renames its weights."""
+    eligible = eligible_weights(gm)
+    touched = set(touched)
+    by_key: dict[tuple, list[str]] = {}
+    for target in eligible:
+        by_key.setdefault(storage_key(gm, target), []).append(target)
+    hit = total = 0
+    n_hit = 0
+    untouched = []
+    for key, targets in by_key.items():
+        t = attr_meta(gm, targets[0])
+        size = t.numel() * t.element_size()
+        total += size
+        if any(x in touched for x in targets):
+            hit += size
+            n_hit += 1
+        else:
+            untouched.append(eligible[targets[0]])
+    return WeightCoverage(n_hit, len(by_key), round(hit / total, 6) if total else 1.0, untouched)

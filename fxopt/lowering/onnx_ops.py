@@ -60,9 +60,13 @@ def _scalar_like(t) -> bool:
 
 
 def check_lowerable(gm: torch.fx.GraphModule) -> list[str]:
-    """Problems that would make the ONNX wrong or the export fail, each naming the node."""
+    """Problems that would make the ONNX wrong or the export fail, each naming the node.
+
+    Also adds to :data:`TRANSLATIONS` the translations of other libraries' ops that ``gm`` holds
+    (:func:`add_library_translations`): the export that follows this check then finds them."""
     from ..ir.meta import describe
     problems = []
+    add_library_translations(gm)
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is torch.ops.fxopt.quantize.default:
             block, qmin, qmax = n.args[4], n.args[5], n.args[6]
@@ -357,3 +361,44 @@ def matmul_integer_to_float_onnx(a, a_scale, a_zero_point, b, b_scale, bias=None
 
 
 TRANSLATIONS[torch.ops.fxopt.matmul_integer_to_float.default] = matmul_integer_to_float_onnx
+
+
+# --------------------------------------------------------------------------- ops of other libraries
+# HF transformers 5's MoE experts (``experts_implementation="grouped_mm"``, the default) run
+# ``transformers::grouped_mm_fallback(x [S, K] sorted by expert, w [E, K, N], offs [E])`` under
+# torch.export: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] · w[e]``, rows past ``offs[-1]`` zero.
+# The op exists only once transformers is imported, which may be after fxopt: its translation is
+# added when a graph that holds it is checked (check_lowerable runs before every export).
+
+
+def grouped_mm_onnx(x, w, offs):
+    """One MatMul per expert on its rows (Slice with the runtime offsets: any token count), the
+    results concatenated and padded with zero rows up to ``x``'s row count."""
+    e = int(w.shape[0])
+    ends = op.Cast(offs, to=7)                                             # int64
+    axis0 = op.Constant(value_ints=[0])
+    start = op.Constant(value_ints=[0])
+    parts = []
+    for i in range(e):
+        end = op.Slice(ends, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]))
+        xi = op.Slice(x, start, end, axis0)
+        wi = op.Gather(w, op.Constant(value_int=i), axis=0)                 # [K, N]
+        parts.append(op.MatMul(xi, wi))
+        start = end
+    y = parts[0] if e == 1 else op.Concat(*parts, axis=0)
+    rest = op.Sub(op.Shape(x, start=0, end=1), start)                      # rows past offs[-1]
+    pads = op.Concat(op.Constant(value_ints=[0, 0]), rest, op.Constant(value_ints=[0]), axis=0)
+    return op.Pad(y, pads)
+
+
+LIBRARY_TRANSLATIONS = {("transformers", "grouped_mm_fallback"): grouped_mm_onnx}
+
+
+def add_library_translations(gm: torch.fx.GraphModule) -> None:
+    """Add to :data:`TRANSLATIONS` the translations of other libraries' ops that ``gm`` holds."""
+    for n in gm.graph.nodes:
+        t = n.target
+        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t not in TRANSLATIONS:
+            fn = LIBRARY_TRANSLATIONS.get((t.namespace, t._opname))
+            if fn is not None:
+                TRANSLATIONS[t] = fn

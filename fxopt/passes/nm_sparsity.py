@@ -17,9 +17,20 @@ The masked weight is written with :func:`fxopt.ir.graph.set_attr` (a new tensor:
 parameter is never written) and the linear node gets :data:`fxopt.ir.meta.NM_MASK`, an
 :class:`~fxopt.ir.meta.NMMask` with the kept and total ``Σ|w|`` of the weight.
 
+**Stacked expert weights** (MoE: HF transformers 5 stores each block's experts as 3-D
+parameters ``[E, out, in]`` read by a grouped or batched matmul; ``fxopt::moe``): every expert's
+matrix is masked the same way along the dim its matmul reduces over
+(:func:`fxopt.ir.structure.expert_weights`); the parameter's ``get_attr`` nodes carry the
+:data:`~fxopt.ir.meta.NM_MASK`. ``score=wanda`` has no per-expert input statistics (each expert
+sees only its routed tokens), so experts are masked by magnitude, with a note.
+
+The stats say how much of what could be masked was: ``weights_touched`` of ``weights_eligible``
+(linear and expert weights, :func:`fxopt.ir.structure.weight_coverage`) and ``weight_share``, their
+share of the eligible bytes; the first note says it in words.
+
 Skipped, with a note naming the layer:
 
-* linears whose ``in_features`` is not a multiple of ``m``;
+* linears (and expert weights) whose input features are not a multiple of ``m``;
 * weights shared with another use (tied LM head / embedding) while ``skip_shared`` is true —
   zeroing them would change the other use too;
 * linears excluded by ``exclude`` (``include`` / ``exclude`` are module-path patterns, substring
@@ -40,7 +51,7 @@ import torch
 
 from ..ir.graph import get_attr, set_attr
 from ..ir.meta import NM_MASK, NMMask
-from ..ir.structure import LinearInfo, linears, shared_parameters
+from ..ir.structure import ExpertWeight, LinearInfo, expert_weights, linears, shared_parameters, weight_coverage
 from ._saliency import check_score, input_rms, saliency
 from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
 from .calibration import check_batches
@@ -119,19 +130,23 @@ class NMSparsity(Pass):
             else:
                 setattr(self, opt, tuple(v))
 
-    def _candidates(self, gm) -> list[LinearInfo]:
-        return [li for li in linears(gm) if not self.include or any(_match(li.path, p) for p in self.include)]
+    def _candidates(self, gm) -> list[LinearInfo | ExpertWeight]:
+        found: list[LinearInfo | ExpertWeight] = list(linears(gm))
+        seen = {li.weight for li in found}
+        found += [ew for ew in expert_weights(gm)[0] if ew.weight not in seen]
+        return [c for c in found if not self.include or any(_match(c.path, p) for p in self.include)]
 
-    def _selected(self, gm) -> tuple[list[LinearInfo], list[str]]:
+    def _selected(self, gm) -> tuple[list[LinearInfo | ExpertWeight], list[str]]:
         shared = {t for sp in shared_parameters(gm) for t in sp.targets}
         out, notes = [], []
         for li in self._candidates(gm):
             path = li.path
+            what = "in_features" if isinstance(li, LinearInfo) else "expert in_features"
             if any(_match(path, p) for p in self.exclude):
                 notes.append(f"{path}: excluded by pattern, kept dense")
                 continue
             if li.in_features % self.m:
-                notes.append(f"{path}: in_features={li.in_features} is not a multiple of m={self.m}, kept dense")
+                notes.append(f"{path}: {what}={li.in_features} is not a multiple of m={self.m}, kept dense")
                 continue
             if self.skip_shared and li.weight in shared:
                 notes.append(f"{path}: weight {li.weight} is shared with another use (tied), kept dense")
@@ -145,14 +160,16 @@ class NMSparsity(Pass):
 
     def requires(self, gm, ctx: PassContext) -> None:
         if not self._candidates(gm):
-            raise NotApplicable("no linear with a parameter weight"
+            raise NotApplicable("no linear (or stacked expert weight) with a parameter weight"
                                 + (f" matching include={'|'.join(self.include)}" if self.include else ""))
         if self.score == "wanda":
             check_batches(ctx.calibration, f"{self.name}{{score=wanda}}")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         sel, notes = self._selected(gm)
-        rms = input_rms(gm, ctx, sel, f"{self.name}{{score=wanda}}", notes) if self.score == "wanda" and sel else {}
+        lins = [li for li in sel if isinstance(li, LinearInfo)]
+        experts = [ew for ew in sel if isinstance(ew, ExpertWeight)]
+        rms = input_rms(gm, ctx, lins, f"{self.name}{{score=wanda}}", notes) if self.score == "wanda" and lins else {}
         kept_frac: dict[str, float] = {}
         kept_sal: dict[str, float] = {}
         kept_total = total_total = 0.0
@@ -160,7 +177,10 @@ class NMSparsity(Pass):
         for li in sel:
             w = get_attr(gm, li.weight)
             sal = saliency(w, rms.get(li.weight))
-            mask = nm_mask(sal, self.n, self.m)
+            if isinstance(li, LinearInfo):
+                mask = nm_mask(sal, self.n, self.m)
+            else:
+                mask = expert_nm_mask(w, li.in_dim, self.n, self.m)
             absw = w.detach().abs().to(torch.float64)
             total = float(absw.sum())
             kept = float(absw[mask].sum())
@@ -172,22 +192,34 @@ class NMSparsity(Pass):
                 changed = True
                 ctx.state.setdefault(DENSE_WEIGHTS, {}).setdefault(li.weight, w.detach())   # nm-finetune's teacher
                 set_attr(gm, li.weight, new.contiguous())
-            NM_MASK.set(li.node, NMMask(self.n, self.m, li.weight, kept_magnitude=kept, total_magnitude=total))
+            record = NMMask(self.n, self.m, li.weight, kept_magnitude=kept, total_magnitude=total)
+            for node in _mask_nodes(gm, li):
+                NM_MASK.set(node, record)
             kept_frac[li.path] = round(kept / total, 6) if total > 0 else 1.0
             kept_total += kept
             total_total += total
         skipped = len(notes)
+        if self.score == "wanda" and experts:
+            notes.append(f"{len(experts)} stacked expert weight(s) masked by magnitude: wanda needs each expert's "
+                         "input statistics, which calibration does not collect (an expert sees only its routed tokens)")
+        cov = weight_coverage(gm, [li.weight for li in sel])
+        notes.insert(0, f"masked {cov.n_touched} of {cov.n_eligible} eligible weights ({100 * cov.share:.1f} % of "
+                        f"their bytes)" + (f"; left dense: {_some(cov.untouched)}" if cov.untouched else ""))
         if sel:
             notes.append(DENSE_NOTE)
         stats = {
             "pattern": f"{self.n}:{self.m}",
             "score": self.score,
-            "masked": len(sel),
+            "masked": len(lins),
+            "experts_masked": len(experts),
             "skipped": skipped,
+            "weights_touched": cov.n_touched,
+            "weights_eligible": cov.n_eligible,
+            "weight_share": cov.share,
             "kept_magnitude": kept_frac,
             "kept_magnitude_total": round(kept_total / total_total, 6) if total_total > 0 else 1.0,
             **({"kept_saliency_sq": kept_sal} if kept_sal else {}),
-            "weights_zeroed": sum(li.in_features * li.out_features for li in sel) * (self.m - self.n) // self.m,
+            "weights_zeroed": sum(_numel(li) for li in sel) * (self.m - self.n) // self.m,
         }
         return PassResult(gm, changed, stats=stats, notes=notes)
 
@@ -199,6 +231,38 @@ class NMSparsity(Pass):
             mk = NM_MASK.get(li.node)
             if mk is not None and mk.n == self.n and mk.m == self.m and not is_nm_sparse(get_attr(gm, li.weight), mk.n, mk.m):
                 raise PostconditionError(f"{self.name}: {li.path} is not {mk.n}:{mk.m} sparse after masking")
+        for ew in expert_weights(gm)[0]:
+            mk = next((NM_MASK.get(n) for n in _mask_nodes(gm, ew) if NM_MASK.has(n)), None)
+            if mk is not None and mk.n == self.n and mk.m == self.m and \
+                    not is_nm_sparse(_expert_rows(get_attr(gm, ew.weight), ew.in_dim), mk.n, mk.m):
+                raise PostconditionError(f"{self.name}: {ew.path} is not {mk.n}:{mk.m} sparse after masking")
+
+
+def _expert_rows(w: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """``[E, ·, ·]`` → ``[E·out, in]``: every expert's rows, the reduced dim last."""
+    return w.movedim(in_dim, -1).reshape(-1, w.shape[in_dim])
+
+
+def expert_nm_mask(w: torch.Tensor, in_dim: int, n: int, m: int) -> torch.Tensor:
+    """:func:`nm_mask` of every expert matrix of a stacked ``[E, ·, ·]`` weight, groups of ``m``
+    running along ``in_dim`` (the dim its matmul reduces over); same shape as ``w``."""
+    moved = w.movedim(in_dim, -1)
+    return nm_mask(moved.reshape(-1, moved.shape[-1]), n, m).reshape(moved.shape).movedim(-1, in_dim)
+
+
+def _mask_nodes(gm, li) -> list[torch.fx.Node]:
+    """Where the mask is recorded: the linear node, or every ``get_attr`` of a stacked expert weight."""
+    if isinstance(li, LinearInfo):
+        return [li.node]
+    return [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == li.weight]
+
+
+def _numel(li) -> int:
+    return li.in_features * li.out_features * (li.experts if isinstance(li, ExpertWeight) else 1)
+
+
+def _some(paths: list[str], k: int = 4) -> str:
+    return ", ".join(paths[:k]) + (f" and {len(paths) - k} more" if len(paths) > k else "")
 
 
 def _match(path: str, pattern: str) -> bool:

@@ -39,8 +39,21 @@ Rewrite rules, by group kind:
 3. **query-key**: left as they are, with a note: Q and K rows have no N:M consumer whose columns
    move, so no permutation changes what a linear N:M mask keeps (the coupling analysis supports
    them; :mod:`fxopt.ir.coupling`).
-4. Refused groups (residual streams, graph outputs, ops not modelled, tied weights, ``C`` or ``d``
-   not a multiple of ``m``) are left alone, each with a note naming it and the reason.
+4. **experts** (MoE blocks found by :func:`fxopt.ir.moe.find_moe_blocks`, experts stacked as
+   ``w_in [E, F', D]``, ``w_out [E, D, F]``): each expert's ``F`` hidden channels, independently —
+   expert ``e``'s gate and up rows (``F' = 2F``: gate rows first) or its ``F`` rows of ``w_in``,
+   and its columns of ``w_out``; ``act(gate)·up`` is per channel, so this is exact. The objective
+   is ``Σ|w|`` of each expert's ``w_out`` columns (``score=wanda`` has no per-expert input
+   statistics: experts are searched by magnitude, with a note). Results are in
+   ``stats["expert_groups"]``; ``stats["groups"]`` holds the coupled groups of rules 1–2.
+5. Refused groups (residual streams, graph outputs, ops not modelled, tied weights, ``C`` or ``d``
+   not a multiple of ``m``) are left alone, each with a note naming it and the reason; so are
+   stacked expert weights whose MoE block is not recognized.
+
+Stats ``weights_touched`` / ``weights_eligible`` / ``weight_share`` count the linear and expert
+weights that a permutation moved, of all that a weight pass could rewrite
+(:func:`fxopt.ir.structure.weight_coverage`; query-key rows, residual-stream producers and the LM
+head are never moved, so the share stays below 1).
 
 Exact (``exact = True``): the manager checks the outputs are unchanged. Must run before
 ``nm-sparsity``: permuting columns of an already masked weight would break its N:M pattern, so
@@ -58,7 +71,10 @@ from typing import ClassVar
 import torch
 
 from ..ir.coupling import CoupledGroup, apply_permutation, coupled_groups
+from ..ir.graph import get_attr, set_attr
 from ..ir.meta import NM_MASK, PERMUTATION, PermutationRecord, describe
+from ..ir.moe import MoEMatch, find_moe_blocks
+from ..ir.structure import expert_weights, shared_parameters, weight_coverage
 from ._permutation_search import kept_magnitude, search_permutation, unstructured_bound
 from ._saliency import check_score, input_rms
 from .base import NotApplicable, Pass, PassContext, PassResult, PreconditionError, register_pass
@@ -128,8 +144,9 @@ class PermuteChannels(Pass):
                 f"{self.name}: the graph is already N:M masked{where}; permuting channels now would break the "
                 "masks' pattern. Run permute-channels before nm-sparsity: "
                 f"'permute-channels{{n={self.n},m={self.m}}},nm-sparsity{{n={self.n},m={self.m}}}'")
-        if not any(g.kind != "query-key" and g.consumers for g in coupled_groups(gm)):
-            raise NotApplicable("no producer → consumer channel group (FFN, or V → O in an attention) in the graph")
+        if not any(g.kind != "query-key" and g.consumers for g in coupled_groups(gm)) and not expert_weights(gm)[0]:
+            raise NotApplicable("no producer → consumer channel group (FFN, or V → O in an attention) and no MoE "
+                                "experts in the graph")
         if self.score == "wanda":
             check_batches(ctx.calibration, f"{self.name}{{score=wanda}}")
 
@@ -139,6 +156,7 @@ class PermuteChannels(Pass):
         kept_b = kept_a = bound_t = total_t = 0.0
         qk = permuted = skipped = 0
         changed = False
+        moved: set[str] = set()
         groups = list(coupled_groups(gm))
         why = {id(g): self._refusal(gm, g) for g in groups if g.kind != "query-key"}
         rms: dict[str, torch.Tensor] = {}
@@ -174,16 +192,23 @@ class PermuteChannels(Pass):
             members = [f"{mb.target}[dim {mb.dim}]" for mb in grp.members]
             for li in grp.producers + grp.consumers:
                 PERMUTATION.set(li.node, PermutationRecord(gid, s.perm.clone(), members))
+                moved.add(li.weight)
             permuted += 1
             changed = True
         if qk:
             notes.append(QK_NOTE.format(count=qk))
+        experts, expert_notes = self._permute_experts(gm, ctx, moved)
+        changed = changed or any(e["permuted"] for e in experts.values())
+        cov = weight_coverage(gm, moved)
         if report:
             notes.insert(0, f"permuted {permuted} of {len(report)} searched groups: {self.n}:{self.m} keeps "
                             f"{_frac(kept_b, total_t):.4f} → {_frac(kept_a, total_t):.4f} of their consumers' "
                             f"{OBJECTIVE[self.score]}, "
                             f"{100 * _gap(kept_b, kept_a, bound_t):.1f} % of the gap to the unstructured bound "
                             f"({_frac(bound_t, total_t):.4f}) closed")
+        at = 1 if report else 0                       # after the summary of the coupled groups
+        notes[at:at] = [f"moved {cov.n_touched} of {cov.n_eligible} eligible weights "
+                        f"({100 * cov.share:.1f} % of their bytes)"] + expert_notes
         stats = {
             "pattern": f"{self.n}:{self.m}",
             "score": self.score,
@@ -196,8 +221,101 @@ class PermuteChannels(Pass):
             "kept_magnitude_before": _frac(kept_b, total_t),
             "kept_magnitude_after": _frac(kept_a, total_t),
             "gap_closed": _gap(kept_b, kept_a, bound_t),
+            "experts_permuted": sum(1 for e in experts.values() if e["permuted"]),
+            "expert_groups": experts,
+            "weights_touched": cov.n_touched,
+            "weights_eligible": cov.n_eligible,
+            "weight_share": cov.share,
         }
         return PassResult(gm, changed, stats=stats, notes=notes)
+
+    # ------------------------------------------------------------------ experts (rule 4)
+
+    def _permute_experts(self, gm: torch.fx.GraphModule, ctx: PassContext, moved: set[str]
+                         ) -> tuple[dict[str, dict], list[str]]:
+        """Search and apply one permutation per expert of every recognized MoE block; adds the
+        weights it moved to ``moved``; returns ``stats["expert_groups"]`` and notes."""
+        stacked = expert_weights(gm)[0]
+        if not stacked:
+            return {}, []
+        matches, notes = find_moe_blocks(gm, ctx.example_inputs)
+        notes = [f"experts not permuted: {n}" for n in notes]
+        covered = {t for m in matches for t in (m.block.w_in, m.block.w_out)}
+        left = [ew.path for ew in stacked if ew.weight not in covered]
+        if left:
+            notes.append(f"{len(left)} stacked expert weight(s) not permuted, their MoE block was not recognized: "
+                         + ", ".join(left[:4]) + (" ..." if len(left) > 4 else ""))
+        if matches and self.score == "wanda":
+            notes.append("experts searched by magnitude: wanda needs each expert's input statistics, which "
+                         "calibration does not collect")
+        shared = {t for sp in shared_parameters(gm) for t in sp.targets}
+        report: dict[str, dict] = {}
+        for gid, m in enumerate(matches):
+            b = m.block
+            refused = self._expert_refusal(gm, m, shared)
+            if refused:
+                notes.append(f"experts of {b.name}: not permuted: {refused}")
+                continue
+            t0 = time.perf_counter()
+            w_in, w_out = get_attr(gm, b.w_in).detach(), get_attr(gm, b.w_out).detach()
+            x = w_out.abs().to(torch.float32)                        # [E, D, F]: each expert's consumer columns
+            budget = self.time_budget / b.num_experts if self.time_budget is not None else None
+            perms, before, after, bound, total = [], 0.0, 0.0, 0.0, float(x.double().sum())
+            for e in range(x.shape[0]):
+                p = self._search_block(x[e], budget, self.seed + e)
+                kb, ka = kept_magnitude(x[e], self.n, self.m), kept_magnitude(x[e][:, p], self.n, self.m)
+                if ka <= kb:
+                    p, ka = torch.arange(b.d_ff), kb
+                perms.append(p)
+                before, after, bound = before + kb, after + ka, bound + unstructured_bound(x[e], self.n, self.m)
+            perm = torch.stack(perms)                                # [E, F]
+            changed = not torch.equal(perm, torch.arange(b.d_ff).expand_as(perm))
+            report[b.name] = {"kind": "experts", "experts": int(x.shape[0]), "channels": b.d_ff,
+                              "kept_before": _frac(before, total), "kept_after": _frac(after, total),
+                              "bound": _frac(bound, total), "gap_closed": _gap(before, after, bound),
+                              "seconds": round(time.perf_counter() - t0, 3), "permuted": changed}
+            if not changed:
+                continue
+            rows = torch.cat([perm, perm + b.d_ff], dim=1) if b.gated else perm        # gate rows, then up rows
+            set_attr(gm, b.w_in, torch.stack([w_in[e].index_select(0, rows[e]) for e in range(len(perm))]))
+            set_attr(gm, b.w_out, torch.stack([w_out[e].index_select(1, perm[e]) for e in range(len(perm))]))
+            record = PermutationRecord(1000 + gid, perm.clone(), [f"{b.w_in}[dim 1]", f"{b.w_out}[dim 2]"])
+            for n in gm.graph.nodes:
+                if n.op == "get_attr" and n.target in (b.w_in, b.w_out):
+                    PERMUTATION.set(n, record)
+            moved.update((b.w_in, b.w_out))
+        return report, notes
+
+    def _expert_refusal(self, gm: torch.fx.GraphModule, m: MoEMatch, shared: set[str]) -> str | None:
+        b = m.block
+        if self.include and not any(_match(b.name, pat) for pat in self.include):
+            return f"not matched by include={'|'.join(self.include)}"
+        if any(_match(b.name, pat) for pat in self.exclude):
+            return f"{b.name} is excluded by pattern"
+        if m.op_node is not None and b.experts:
+            return "experts were pruned (the op reads a subset): permute before moe-prune-experts"
+        for t in (b.w_in, b.w_out):
+            if t in shared:
+                return f"{t} is shared with another use"
+            if not get_attr(gm, t).is_floating_point():
+                return f"{t} is {get_attr(gm, t).dtype}, not float"
+        if b.d_ff % self.m:
+            return f"expert hidden size {b.d_ff} is not a multiple of m={self.m}"
+        if b.d_ff // self.m < 2:
+            return f"{b.d_ff} channels per expert make a single group of {self.m}: nothing to reorder"
+        if any(PERMUTATION.has(n) for n in gm.graph.nodes if n.op == "get_attr" and n.target in (b.w_in, b.w_out)):
+            return "already permuted by an earlier permute-channels"
+        return None
+
+    def _search_block(self, x: torch.Tensor, budget: float | None, seed: int) -> torch.Tensor:
+        kw = dict(time_budget=budget, seed=seed)
+        if self.escapes is not None:
+            kw["escapes"] = self.escapes
+        p, info = search_permutation(x, self.n, self.m, **kw)
+        if info["rounds"] == 0:
+            kw.update(time_budget=None, rounds=1)           # the budget ran out before the first round
+            p, info = search_permutation(x, self.n, self.m, **kw)
+        return p
 
     # ------------------------------------------------------------------ helpers
 
@@ -229,18 +347,7 @@ class PermuteChannels(Pass):
             x = x * x                                  # Σ_kept (|w|·rms)²: the diagonal output error
         d, heads = grp.head_dim, grp.heads
         budget = self.time_budget / heads if self.time_budget is not None else None
-        parts = []
-        for h in range(heads):
-            kw = dict(time_budget=budget, seed=self.seed + h)
-            if self.escapes is not None:
-                kw["escapes"] = self.escapes
-            block = x[:, h * d:(h + 1) * d]
-            p, info = search_permutation(block, self.n, self.m, **kw)
-            if info["rounds"] == 0:
-                # the budget ran out before the first round (a busy machine): one round, unbounded
-                kw.update(time_budget=None, rounds=1)
-                p, info = search_permutation(block, self.n, self.m, **kw)
-            parts.append(h * d + p)
+        parts = [h * d + self._search_block(x[:, h * d:(h + 1) * d], budget, self.seed + h) for h in range(heads)]
         perm = torch.cat(parts)
         before = kept_magnitude(x, self.n, self.m)
         after = kept_magnitude(x[:, perm], self.n, self.m)

@@ -161,3 +161,131 @@ def test_non_contiguous_example_does_not_pin_strides():
     gm = capture(lm.model, {"input_ids": view, "attention_mask": torch.ones_like(view)}, dynamic=True)
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert max_abs(outputs(gm, full)[0], outputs(lm.model, full, use_cache=False)[0]) < 1e-5
+
+
+# --------------------------------------------------------------------------- matmul with a parameter → linear
+
+
+def _falcon(bias: bool):
+    tf = pytest.importorskip("transformers")
+    cfg = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, bias=bias,
+                          bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    return tf.FalconForCausalLM(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_falcon_matmul_linears_become_aten_linear(bias):
+    """FalconLinear computes ``x @ W.T (+ b)``: captured as matmul(x, numpy_T(W)) (+ add), every pass
+    missed it. Normalized, the decoder's 4 linears per layer are ordinary linears."""
+    model, ex = _falcon(bias)
+    gm = capture(model, ex)
+    assert count(gm, aten.matmul.default) == count(gm, aten.numpy_T.default) == 0
+    lins = {module_path(n): n for n in gm.graph.nodes if n.target is aten.linear.default}
+    for i in range(2):
+        for sub in ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
+            n = lins[f"transformer.h.{i}.{sub}"]
+            assert n.args[1].op == "get_attr" and n.args[1].target == f"transformer.h.{i}.{sub}.weight"
+            assert (n.args[2].target == f"transformer.h.{i}.{sub}.bias") if bias else len(n.args) == 2
+    assert len(lins) == 9                                              # + lm_head
+    notes = CAPTURE.get(gm).normalizations
+    assert "matmul->linear: transformer.h.0.mlp.dense_h_to_4h" + (" (bias folded)" if bias else "") in notes
+    assert max_abs(outputs(gm, ex)[0], outputs(model, ex, use_cache=False)[0]) == 0      # exact
+    assert not any(k.endswith("_t") for k, _ in gm.named_parameters())  # nothing stored anew
+
+
+class _MatmulForms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 8))         # [out, in], read transposed: a linear
+        self.b = torch.nn.Parameter(torch.randn(6))
+        self.w_in_out = torch.nn.Parameter(torch.randn(8, 6))  # [in, out], read as is: not rewritten
+        self.b2 = torch.nn.Parameter(torch.randn(4, 6))        # 2-D "bias": stays an add
+
+    def forward(self, x):
+        a = x @ self.w.t() + self.b
+        c = torch.mm(x.reshape(-1, 8), self.w.permute(1, 0)).reshape(a.shape)
+        d = x @ self.w_in_out
+        e = x @ self.w.T + self.b2
+        f = x @ x.transpose(-1, -2)                            # no parameter
+        return a + c + d + e, f
+
+
+def test_matmul_normalization_matching_and_non_matching_forms():
+    m = _MatmulForms().eval()
+    x = torch.randn(2, 4, 8)
+    gm = capture(m, (x,))
+    lin = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+    assert [(n.args[1].target, n.args[2].target if len(n.args) > 2 else None) for n in lin] == \
+        [("w", "b"), ("w", None), ("w", None)]                # a (bias folded), c (mm + permute), e (bias kept out)
+    assert count(gm, aten.matmul.default) == 2                 # d (not transposed) and f (no parameter)
+    ref, got = m(x), gm(x)
+    assert all(max_abs(a, b) < 1e-6 for a, b in zip(got, ref))
+
+
+# --------------------------------------------------------------------------- dynamic dims per input
+
+
+def _tiny(name):
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if name == "vit":
+        m = tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=32, patch_size=8))
+        make = lambda b, g: {"pixel_values": torch.randn(b, 3, 32, 32, generator=g)}  # noqa: E731
+    elif name == "whisper":
+        m = tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0))
+        make = lambda b, g: {"input_features": torch.randn(b, 80, 32, generator=g),      # noqa: E731
+                             "decoder_input_ids": torch.randint(1, 64, (b, 3 + b), generator=g)}
+    else:
+        m = tf.CLIPModel(tf.CLIPConfig(
+            text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=2,
+                             pad_token_id=1),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8), projection_dim=16))
+
+        def make(b, g):
+            ids = torch.randint(3, 64, (b, 3 + b), generator=g)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "pixel_values": torch.randn(b, 3, 32, 32, generator=g)}
+    return m.eval(), make
+
+
+AXES = {
+    "vit": {"pixel_values": {0: "batch"}},
+    "whisper": {"input_features": {0: "batch"}, "decoder_input_ids": {0: "batch", 1: "decoder_seq"}},
+    "clip": {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+             "pixel_values": {0: "batch"}},
+}
+
+
+@pytest.mark.parametrize("name", ["vit", "whisper", "clip"])
+def test_dynamic_axes_are_chosen_per_input(name):
+    """Image/audio inputs get a dynamic batch only (ViT's 3 channels and patch grid, Whisper's 80 mel
+    bins and frame count are fixed by the model); token inputs batch and sequence, a decoder's its own."""
+    m, make = _tiny(name)
+    g = torch.Generator().manual_seed(0)
+    gm = capture(m, make(2, g), dynamic=True)
+    info = CAPTURE.get(gm)
+    assert info.dynamic_axes == AXES[name]
+    assert not any(s.startswith("dynamic axes") for s in info.normalizations)     # nothing asked was dropped
+    other = make(3, g)                                                           # another batch (and length)
+    for a, b in zip(outputs(gm, other), outputs(m, other)):
+        assert a.shape == b.shape and max_abs(a, b) < 1e-5
+
+
+def test_dims_the_model_fixes_are_not_recorded_as_dynamic():
+    m, make = _tiny("vit")
+    x = make(1, torch.Generator().manual_seed(0))                    # a batch of 1 is specialized by export
+    gm = capture(m, x, dynamic={"pixel_values": {0: "batch", 1: "channels"}})
+    info = CAPTURE.get(gm)
+    assert info.dynamic_axes == {}
+    assert any("pixel_values dim 1 (channels) kept static at 3" in s for s in info.normalizations)
+    assert any("pixel_values dim 0 (batch) kept static at 1" in s and "give 2 or more" in s
+               for s in info.normalizations)
