@@ -115,7 +115,8 @@ def optimize(
             are ignored with a warning).
         dynamic: ``None`` (default): batch and sequence dims dynamic where the model allows it (so the
             graph, its backends and its ONNX export take other shapes), else static with a note in
-            the capture record; ``True``: dynamic or an error; ``False``: static shapes; a dict
+            the capture record — chosen per input: token inputs batch and sequence, image/audio
+            inputs (``pixel_values``, ``input_features``) batch only, ``decoder_*`` their own sequence; ``True``: dynamic or an error; ``False``: static shapes; a dict
             ``{input: {dim: name}}`` picks the axes.
         print_after: ``True`` prints the graph after every pass, or a set of pass names;
         print_after_change: print only after passes that changed the graph.
@@ -170,6 +171,10 @@ def optimize(
         reference_model = model
         if CAPTURE.get(gm) is not None and constants:     # what was bound, as the caller gave it (not the run copy)
             CAPTURE.get(gm).bound_kwargs.update(_private_copy(ExampleInputs((), constants)).kwargs)
+    if calib is not None:
+        problem = _static_mismatch(gm, inputs, calib)
+        if problem:
+            raise PassError(problem)
     if offload_dir is not None:
         from .ir.offload import offload_parameters
         offload_parameters(gm, offload_dir)
@@ -308,6 +313,29 @@ def _check_batch(i: int, batch: ExampleInputs, example: ExampleInputs) -> None:
     if extra:
         warnings.warn(f"calibration batch {i} has keys example_inputs does not have: {extra}; they are ignored "
                       f"(the graph was captured with {sorted(example.kwargs)})", stacklevel=4)
+
+
+def _static_mismatch(gm, inputs: ExampleInputs, batches: list[ExampleInputs]) -> str:
+    """Why a calibration batch cannot run through the captured graph ('' if every batch can): a dim
+    where it differs from example_inputs that the capture kept static."""
+    info = CAPTURE.get(gm)
+    if info is None:
+        return ""
+    names = [info.input_names[i] if i < len(info.input_names) else f"arg{i}" for i in range(len(inputs.args))]
+    ref = dict(zip([*names, *inputs.kwargs], [*inputs.args, *inputs.kwargs.values()]))
+    for bi, b in enumerate(batches):
+        for name, t in zip([*names, *b.kwargs], [*b.args, *b.kwargs.values()]):
+            r = ref.get(name)
+            if not (isinstance(t, torch.Tensor) and isinstance(r, torch.Tensor)) or t.dim() != r.dim():
+                continue
+            for d, (a, e) in enumerate(zip(t.shape, r.shape)):
+                if a != e and d not in info.dynamic_axes.get(name, {}):
+                    why = [n for n in info.normalizations if n.startswith(f"dynamic axes: {name} dim {d} ")]
+                    return (f"calibration batch {bi}: {name!r} has shape {tuple(t.shape)}, but dim {d} of the captured "
+                            f"graph is fixed at {e} (example_inputs' size){': ' + why[0] if why else ''}. Pad or cut "
+                            f"the calibration batches to example_inputs' shape {tuple(r.shape)}, or capture with "
+                            "dynamic=True to see why the dim cannot be dynamic")
+    return ""
 
 
 def _shapes_differ(inputs: ExampleInputs, batches: list[ExampleInputs]) -> bool:

@@ -126,7 +126,7 @@ def capture(
     for p in gm.parameters():
         p.requires_grad_(False)
     dyn_axes, dyn_notes = _realized_axes(gm, dyn_axes) if dyn_axes else (dyn_axes, [])
-    normalizations = _normalize_addmm(gm) + _normalize_matmul(gm) + dyn_notes
+    normalizations = _drop_whole_slices(gm) + _normalize_addmm(gm) + _normalize_matmul(gm) + dyn_notes
     gm.graph.lint()
     gm.recompile()
 
@@ -329,6 +329,26 @@ def _failure_message(model, errors: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- normalization
+
+
+def _drop_whole_slices(gm: torch.fx.GraphModule) -> list[str]:
+    """``slice(x, dim, 0, ≥2⁶², 1)`` is ``x``: dynamic captures keep such whole-dim slices (HF's
+    ``hidden_states[:, slice(-0, None)]`` before the LM head, ``repeat_kv``), which hide a norm's
+    consumers from the structure analyses. They are removed (exact)."""
+    n_removed = 0
+    for n in list(gm.graph.nodes):
+        if not (n.op == "call_function" and n.target is torch.ops.aten.slice.Tensor):
+            continue
+        args = list(n.args) + [None] * (5 - len(n.args))
+        _, _, start, end, step = args[:5]
+        start = n.kwargs.get("start", start)
+        end = n.kwargs.get("end", end)
+        step = n.kwargs.get("step", step)
+        if start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step in (None, 1):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            n_removed += 1
+    return [f"removed {n_removed} whole-dim slices (no-ops)"] if n_removed else []
 
 
 def _normalize_addmm(gm: torch.fx.GraphModule) -> list[str]:

@@ -311,7 +311,7 @@ def _dynamic_spec(gm, inputs: ExampleInputs, dynamic, info):
 def _quiet_exporter():
     """The exporter logs progress and registry warnings (torchvision ops) we do not want to show."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript", "torch.export")]
+                                              "onnxscript", "torch.export", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -332,8 +332,9 @@ def _explain_export_failure(e: Exception) -> str:
     hint = ""
     low = msg.lower()
     if "dynamic" in low and ("static" in low or "specializ" in low):
-        hint = ("\nWhat to try: the graph was captured with static shapes (or a pass specialized them); export "
-                "with dynamic=None, or capture with dynamic=True.")
+        hint = ("\nWhat to try: a dim exported as dynamic is fixed by the model or by a pass (capture records only "
+                "the dims that stay symbolic, so this comes from dynamic= given to export_onnx): export with fewer "
+                "dynamic axes, e.g. dynamic={'input_ids': {0: 'batch'}}, or with dynamic=False.")
     elif "no decomposition" in low or "unsupported" in low or "not implemented" in low:
         hint = "\nWhat to try: an op has no ONNX translation; add one to fxopt.lowering.onnx_ops.TRANSLATIONS."
     return f"ONNX export failed: {summary[:2000]}{hint}"

@@ -215,6 +215,7 @@ class InsertQDQ(Pass):
                 else:
                     kept.append(li)
             sel = kept
+        cov_notes, cov = self._coverage(gm, sel)           # before the rewrite hides the linears' weights
         act_q: dict[torch.fx.Node, tuple] = {}
         for li in sel:
             x = li.node.args[0]
@@ -236,10 +237,26 @@ class InsertQDQ(Pass):
                                                             "quantized": len(sel), "embeddings": n_emb,
                                                             "attention_matmuls": 2 * len(attns),
                                                             "calibration": calib_report,
+                                                            "weights_touched": cov.n_touched,
+                                                            "weights_eligible": cov.n_eligible,
+                                                            "weight_share": round(cov.share, 4),
                                                             "scheme": spec, "kept_float": len(notes) - len(per_token),
                                                             **self._target_stats(sel, per_token),
                                                             "per_token_fallback": len(per_token),
-                                                **({"errors": errors} if errors else {})}, notes=notes)
+                                                **({"errors": errors} if errors else {})}, notes=cov_notes + notes)
+
+    @staticmethod
+    def _coverage(gm, sel) -> tuple[list[str], object]:
+        """The share of the eligible weights (linears, stacked MoE experts) this run quantizes, as notes."""
+        from ..ir.structure import expert_weights, weight_coverage
+        cov = weight_coverage(gm, [li.weight for li in sel])
+        notes = [f"quantized {cov.n_touched} of {cov.n_eligible} eligible weights ({100 * cov.share:.0f} % of their "
+                 "bytes)"]
+        experts = expert_weights(gm)[0]
+        if experts:
+            notes.append(f"{len(experts)} stacked MoE expert weights left in float: insert-qdq quantizes linear "
+                         "weights only")
+        return notes, cov
 
     # ------------------------------------------------------------------ activations
 

@@ -87,8 +87,11 @@ class FixedShape(torch.nn.Module):
 
 
 def test_a_model_without_dynamic_shapes_is_captured_static_with_a_note():
+    from fxopt.ir.meta import CAPTURE
     x = torch.randn(2, 4, 8)
     res = fxopt.optimize(FixedShape(), "cleanup", (x,))
-    assert any("captured with static shapes" in n for n in res.records[0].notes)
-    with pytest.raises(fxopt.CaptureError, match="calibration batches have other shapes"):
+    assert CAPTURE.get(res.module).dynamic_axes == {}
+    assert "dynamic axes: x dim 1 (seq) kept static at 4: the model fixes it" in res.records[0].notes
+    with pytest.raises(fxopt.PassError, match=r"calibration batch 1: 'x' has shape \(1, 8, 8\), but dim 0 of the "
+                                              r"captured graph is fixed at 2 .*Pad or cut"):
         fxopt.optimize(FixedShape(), "smoothquant", (x,), calibration=[(torch.randn(2, 4, 8),), (torch.randn(1, 8, 8),)])

@@ -141,7 +141,10 @@ def test_w4_needs_a_multiple_of_the_group():
     assert res.records[-1].status == "not-applicable"
     res = fxopt.optimize(torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval(),
                          "insert-qdq{scheme=w4-weight-only,group=32}", (torch.randn(2, 64),))
-    assert "not a multiple of group=32" in res.records[-1].notes[0] and res.records[-1].stats["quantized"] == 1
+    rec = res.records[-1]
+    assert rec.notes[0] == "quantized 1 of 2 eligible weights (94 % of their bytes)"
+    assert "not a multiple of group=32" in rec.notes[1] and rec.stats["quantized"] == 1
+    assert rec.stats["weights_touched"] == 1 and rec.stats["weights_eligible"] == 2
 
 
 def test_options_and_preconditions(tiny_gpt):
