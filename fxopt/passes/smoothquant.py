@@ -185,7 +185,8 @@ class SmoothQuant(Pass):
         stats = observe(gm, ctx.calibration, list(dict.fromkeys(g.x_node for g in active)),
                         sample_rows=self.sample_rows if need_rows else 0, desc="smoothquant calibration",
                         layerwise=ctx.calibration_mode == "layerwise", report=calib_report)
-        notes, per_group, applied = [], {}, 0
+        from ..ir.structure import weight_coverage
+        notes, per_group, applied, smoothed = [], {}, 0, []
         for g in groups:
             if g.skip:
                 notes.append(f"skipped {g.name}: {g.skip}")
@@ -202,6 +203,7 @@ class SmoothQuant(Pass):
                 continue
             alpha, err = self._alpha(g, xmax, wmax, st.extra.get("rows"), gm, st)
             s = smoothing_scale(xmax, wmax, alpha)
+            smoothed += [c.weight for c in g.consumers]
             self._apply(gm, g, s)
             applied += 1
             ratio_before = float(xmax.max() / xmax.median().clamp_min(1e-8))
@@ -214,8 +216,12 @@ class SmoothQuant(Pass):
         notes += [f"V→O not smoothed: {r}" for r in self._vo_skipped]
         if not applied:
             notes.append("no group was smoothed")
+        cov = weight_coverage(gm, smoothed)
+        notes.insert(0, f"smoothed the inputs of {cov[0]} of {cov[1]} eligible weights ({100 * cov[2]:.0f} % of their bytes)")
         return PassResult(gm, applied > 0, stats={"groups": per_group, "smoothed": applied, "calibration": calib_report,
-                                                  "skipped": len(groups) - applied}, notes=notes)
+                                                  "skipped": len(groups) - applied, "weights_touched": cov[0],
+                                                  "weights_eligible": cov[1], "weight_share": round(cov[2], 4)},
+                          notes=notes)
 
     # ------------------------------------------------------------------ α
 

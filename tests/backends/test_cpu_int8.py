@@ -36,3 +36,16 @@ def test_per_token_linears_stay_in_reference_form(tiny_gpt):
                            "and run in the reference form"]
     (idx,) = tiny_gpt.example_inputs
     assert max_abs(b.run((idx,))[0], outputs(res.module, (idx,))[0]) == 0
+
+
+def test_other_shapes_run_with_the_same_error(tiny_gpt):
+    """Captured from one shape (dynamic by default), the integer backend takes others, as the graph does."""
+    (idx,) = tiny_gpt.example_inputs
+    res = fxopt.optimize(tiny_gpt.model, "insert-qdq,fuse-qdq", tiny_gpt.example_inputs, calibration=[(idx,)])
+    b = CpuInt8Backend(res.module)
+    for shape in (tuple(idx.shape), (3, 7), (1, 19)):
+        x = torch.randint(0, 256, shape)
+        ref, got = outputs(res.module, (x,))[0], b.run((x,))[0]
+        assert got.shape == ref.shape
+        cos = torch.nn.functional.cosine_similarity(got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1]))
+        assert float(cos.mean()) > 0.9999

@@ -140,9 +140,12 @@ def test_export_for_avx2_is_exact_on_every_cpu_and_says_so(tmp_path):
     assert len(weights) == 2 and max(int8_gemm.worst_pair(w) for w in weights) <= 32767
     assert meta["fxopt.int8_target"] == "avx2" and meta["fxopt.int8_requires"] == "any"
     # with these weights the AVX2 kernel is exact, so ORT here (any ISA) shows what AVX2 computes
-    x2 = torch.randn(3, 7, 64) * 2                              # another shape: dynamic axes
-    got = torch.from_numpy(OrtBackend(rep.path).run((x2,))[0])
-    assert got.shape == (3, 7, 32)
+    for x2 in (x, torch.randn(3, 7, 64) * 2, torch.randn(1, 1, 64)):   # other shapes: dynamic axes, same error
+        got = torch.from_numpy(OrtBackend(rep.path).run((x2,))[0])
+        ref = res.module(x2)
+        assert got.shape == ref.shape
+        cos = torch.nn.functional.cosine_similarity(got.reshape(-1, 32), ref.reshape(-1, 32))
+        assert float(cos.mean()) > 0.999                      # the 7-bit re-rounding is the only difference
 
 
 def test_vnni_file_records_its_need_and_warns_on_a_cpu_without_it(tmp_path, monkeypatch):
