@@ -31,6 +31,7 @@ class OptimizeResult:
     capture_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     moe_runtime_: Any = field(default=None, repr=False)      # the MoERuntime made by moe_runtime()
+    decoder: Any = None              # fxopt.ir.decoder.DecoderLayout when captured with task="text-generation"
 
     # ------------------------------------------------------------------ records
 
@@ -72,6 +73,20 @@ class OptimizeResult:
     def __call__(self, *args, **kwargs):
         return call(self.module, ExampleInputs(args, kwargs))      # offloaded graphs load weights as they run
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Token ids ``[batch, prompt + new]`` from the optimized decode-step graph, like
+        ``transformers``' ``generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ``eos_token_id``, ``pad_token_id``, ``generator``); left padding in
+        ``attention_mask``. Needs ``optimize(..., task="text-generation")``."""
+        from .ir.decoder import DecoderError
+        from .runtime import generate
+        if self.decoder is None:
+            raise DecoderError("generate() needs a decoder: optimize(model, ..., task='text-generation') captures the "
+                               "causal LM with its KV cache")
+        module = self.module
+        return generate(lambda feed: call(module, ExampleInputs((), feed)), self.decoder, input_ids, attention_mask,
+                        **kwargs)
+
     def export_onnx(self, path: str | Path, *, example_inputs: Any = None, **kwargs):
         """Lower to ONNX and verify it in ONNX Runtime (see :func:`fxopt.lowering.export_onnx`)."""
         from .ir.offload import is_offloaded, materialize
@@ -99,6 +114,7 @@ def optimize(
     capture_method: str = "auto",
     layerwise_calibration: bool = False,
     offload_dir: str | Path | None = None,
+    task: str = "forward",
 ) -> OptimizeResult:
     """Capture ``model`` and run ``passes`` on it.
 
@@ -132,7 +148,26 @@ def optimize(
         offload_dir: keep the captured graph's weights in files there, loaded only when read
             (:mod:`fxopt.ir.offload`): the pipeline's copies and snapshots then cost no weight
             memory. The folder must outlive the returned module.
+        task: ``"forward"`` (default) captures the model's forward; ``"text-generation"`` captures an
+            HF causal LM as one decode step with its KV cache as explicit inputs and outputs
+            (:mod:`fxopt.ir.decoder`), so that the result can :meth:`~OptimizeResult.generate`.
+            ``example_inputs`` and each calibration batch are then ``input_ids`` (or a dict with
+            ``input_ids`` and optionally a left-padded ``attention_mask``).
     """
+    layout = None
+    if task == "text-generation":
+        from .ir import decoder
+        if dynamic is False:
+            raise decoder.DecoderError("task='text-generation' needs dynamic shapes (prompt and cache lengths change "
+                                       "every step): leave dynamic unset")
+        step = decoder.wrap(model)
+        layout = step.layout
+        example_inputs = _decoder_feed(layout, example_inputs, "example_inputs")
+        if calibration is not None and not isinstance(calibration, (torch.Tensor, dict)):
+            calibration = [_decoder_feed(layout, b, f"calibration batch {i}") for i, b in enumerate(calibration)]
+        model, dynamic = step, layout.dynamic_axes()
+    elif task != "forward":
+        raise ValueError(f"task must be 'forward' or 'text-generation'; got {task!r}")
     if example_inputs is None:
         raise ValueError("optimize needs example_inputs: a tensor, a tuple of positional inputs, or a dict of "
                          "keyword inputs (e.g. tokenizer(texts, return_tensors='pt'))")
@@ -227,7 +262,22 @@ def optimize(
             inst.write(rec0)
     gm, records = manager.run(gm, ctx)
     return OptimizeResult(module=gm, records=[rec0] + records, pipeline=format_pipeline(pass_list),
-                          example_inputs=inputs, capture_seconds=capture_seconds)
+                          example_inputs=inputs, capture_seconds=capture_seconds, decoder=layout)
+
+
+def _decoder_feed(layout, batch, what: str) -> dict:
+    """A prompt batch (``input_ids`` tensor, or a dict with ``input_ids`` / ``attention_mask``) as decode-step
+    inputs with an empty (dummy) cache."""
+    from .ir.decoder import DecoderError
+    if isinstance(batch, torch.Tensor):
+        return layout.prefill_inputs(batch)
+    if isinstance(batch, dict) and "input_ids" in batch:
+        extra = sorted(set(batch) - {"input_ids", "attention_mask"})
+        if extra:
+            raise DecoderError(f"{what}: task='text-generation' takes input_ids and attention_mask; got also {extra}")
+        return layout.prefill_inputs(batch["input_ids"], batch.get("attention_mask"))
+    raise DecoderError(f"{what}: task='text-generation' takes input_ids (a tensor) or a dict with input_ids; got "
+                       f"{type(batch).__name__}")
 
 
 def _private_copy(inputs: ExampleInputs) -> ExampleInputs:

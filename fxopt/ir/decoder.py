@@ -1,0 +1,172 @@
+"""A causal LM as one decode-step graph with its KV cache as explicit tensors.
+
+``optimize(..., task="text-generation")`` captures :class:`DecoderStep` around an HF causal LM
+instead of its plain forward. One step is::
+
+    logits, present_key_0, present_value_0, … = step(input_ids [B, T], attention_mask [B, P+T],
+                                                     position_ids [B, T], past_key_0 [B, H_kv, P, d], …)
+
+with ``present_* = concat(past_*, new keys/values)`` of shape ``[B, H_kv, P+T, d]``. Prefill and
+decode are the same graph (``T`` and ``P`` are dynamic), so every pass applies to both and both
+read the same weights. Inside, the past tensors are loaded into a ``transformers.DynamicCache``
+and the model runs with ``use_cache=True``: RoPE, GQA, masks and left padding are the model's own
+code, given explicit ``position_ids`` and a 2-D ``attention_mask`` over past + new tokens.
+
+**Dummy slots.** ``torch.export`` specializes sizes 0 and 1 and the HF mask code adds guards
+(measured on Llama, transformers 5.25: the captured step requires ``P + T ≥ 4``). So the cache
+always starts with :data:`DUMMY_SLOTS` (or more, up to ``P + T = 4``) zero key/value slots whose
+mask entries are 0: masked keys get probability exactly 0, so outputs equal the cache-less
+forward's. :mod:`fxopt.runtime.generate` adds them; :meth:`DecoderLayout.prefill_inputs` makes
+example and calibration inputs the same way.
+
+Not supported (a clear error names it): models whose cache is not a plain per-layer key/value
+list (sliding-window or hybrid caches: Mistral with ``sliding_window``, Gemma2/3, Mamba-style
+state), encoder-decoder models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DUMMY_SLOTS = 2          # masked zero slots at the start of every cache (see the module docstring)
+MIN_TOTAL = 4            # P + T the captured step needs
+
+
+class DecoderError(ValueError):
+    """The model or the inputs cannot be run as a decoder with an explicit KV cache."""
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Shapes of the explicit cache: what the generation loop and the exporter need."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: torch.dtype = torch.float32
+    max_positions: int | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids"] + self.past_names
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    def empty_past(self, batch: int, slots: int) -> dict[str, torch.Tensor]:
+        return {n: torch.zeros(batch, self.kv_heads, slots, self.head_dim, dtype=self.dtype) for n in self.past_names}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                "position_ids": {0: "batch", 1: "seq"}}
+        axes.update({n: {0: "batch", 2: "past"} for n in self.past_names})
+        return axes
+
+    def prefill_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Step inputs for a prompt batch (left padding in ``attention_mask``): dummy slots as the past."""
+        ids = _check_ids(input_ids)
+        mask = _check_mask(ids, attention_mask)
+        slots = max(DUMMY_SLOTS, MIN_TOTAL - ids.shape[1])
+        full = torch.cat([torch.zeros(ids.shape[0], slots, dtype=mask.dtype), mask], 1)
+        return {"input_ids": ids, "attention_mask": full, "position_ids": positions(mask),
+                **self.empty_past(ids.shape[0], slots)}
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """HF's position ids for a left-padded batch: the count of real tokens before each one (pads: 1)."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def _check_ids(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise DecoderError(f"input_ids must be an integer tensor [batch, length]; got "
+                           f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                           f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise DecoderError("the prompt is empty: give at least one token per sequence (e.g. the BOS token)")
+    return input_ids.long()
+
+
+def _check_mask(ids: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(ids)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        raise DecoderError(f"attention_mask must have input_ids' shape {tuple(ids.shape)}; got "
+                           f"{tuple(getattr(mask, 'shape', ()))}")
+    mask = mask.long()
+    if bool((mask.sum(-1) == 0).any()):
+        raise DecoderError("a row of attention_mask is all zeros: every prompt needs at least one real token")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise DecoderError("attention_mask has padding after real tokens: decoders need left padding "
+                           "(tokenizer.padding_side = 'left')")
+    return mask
+
+
+def layout_of(model: torch.nn.Module) -> DecoderLayout:
+    """The cache layout of an HF causal LM, or :class:`DecoderError` naming what is not supported."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "forward"):
+        raise DecoderError(f"{type(model).__name__} has no HF config: task='text-generation' needs a transformers "
+                           "causal LM (AutoModelForCausalLM)")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise DecoderError(f"{type(model).__name__} is an encoder-decoder model: task='text-generation' captures "
+                           "decoder-only causal LMs")
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False:
+        raise DecoderError(f"{type(model).__name__} uses a sliding-window cache (sliding_window="
+                           f"{text.sliding_window}): not supported by fxopt's explicit KV cache yet")
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise DecoderError(f"{type(model).__name__} mixes layer types {sorted(set(layer_types))}: only full-attention "
+                           "layers are supported by fxopt's explicit KV cache")
+    n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not (n_layers and kv and head_dim):
+        raise DecoderError(f"cannot read layers / key-value heads / head size from {type(cfg).__name__}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return DecoderLayout(int(n_layers), int(kv), int(head_dim), int(text.vocab_size), dtype,
+                         getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None))
+
+
+class _StepBase(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, layout: DecoderLayout):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+
+    def _step(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layout.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        result = {"logits": out.logits}
+        for i in range(self.layout.num_layers):
+            layer = cache.layers[i]
+            result[f"present_key_{i}"] = layer.keys
+            result[f"present_value_{i}"] = layer.values
+        return result
+
+
+def wrap(model: torch.nn.Module) -> "_StepBase":
+    """A :class:`DecoderStep` module around ``model`` (shares its parameters; no copy)."""
+    layout = layout_of(model)
+    names = layout.input_names
+    src = f"def forward(self, {', '.join(names)}):\n    return self._step({', '.join(names)})\n"
+    ns: dict = {}
+    exec(compile(src, "<fxopt.ir.decoder.DecoderStep>", "exec"), ns)            # noqa: S102 - names are ours
+    cls = type("DecoderStep", (_StepBase,), {"forward": ns["forward"], "__module__": __name__})
+    return cls(model, layout)
