@@ -18,12 +18,13 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
     from fxopt.backends import OrtBackend, isa
 
     blocks = _blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     for code in blocks:
         exec(compile(code, str(README), "exec"), ns)                       # noqa: S102 - our own README
     assert (tmp_path / "model.onnx").exists() and (tmp_path / "w8a8.onnx").exists()
+    assert (tmp_path / "decoder.onnx").exists() and ns["tokens"].shape == (2, 8 + 32)
     assert ns["rep"].target == isa.detect().target and ns["rep"].verified
     # "dynamic batch and sequence axes: other shapes run too"
     tok = ns["tok"]
