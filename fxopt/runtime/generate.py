@@ -41,11 +41,13 @@ def _filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) 
 def generate(step: Callable[[dict], dict], layout: DecoderLayout, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Token ids ``[batch, prompt + new]`` (fewer new columns if every sequence hit EOS first).
 
     ``step`` runs one decode step on a dict of inputs named as in :class:`DecoderLayout` and
-    returns ``logits`` and ``present_*``."""
+    returns ``logits`` and ``present_*``. ``on_token(ids [batch])`` is called with every new column
+    (streaming)."""
     if max_new_tokens < 0:
         raise DecoderError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     feed = layout.prefill_inputs(input_ids, attention_mask)
@@ -70,6 +72,8 @@ def generate(step: Callable[[dict], dict], layout: DecoderLayout, input_ids: tor
                 nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
             if eos:
                 done |= torch.isin(nxt, torch.tensor(sorted(eos)))
                 if bool(done.all()):

@@ -127,3 +127,13 @@ def test_unsupported_caches_are_named():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8))
     with pytest.raises(decoder.DecoderError, match="encoder-decoder"):
         decoder.layout_of(t5)
+
+
+def test_a_single_one_token_prompt_still_captures_dynamic_batch_and_length():
+    lm = models.hf_tiny("llama-tiny", layers=2)
+    one = torch.tensor([[5]])
+    res = fxopt.optimize(lm.model, "cleanup", one, task="text-generation")
+    axes = fxopt.ir.meta.CAPTURE.get(res.module).dynamic_axes
+    assert axes["input_ids"] == {0: "batch", 1: "seq"} and axes["past_key_0"] == {0: "batch", 2: "past"}
+    ids, mask = _prompts(3, 6, pad=2)
+    assert torch.equal(res.generate(ids, mask, max_new_tokens=8), _hf(lm.model, ids, mask, 8))
