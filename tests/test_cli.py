@@ -202,3 +202,12 @@ def test_written_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_generate_streams_tokens_and_reports_speed(tmp_path, capsys):
+    from fxopt.cli import main
+    assert main(["generate", "llama-tiny", "--max-new-tokens", "6", "--onnx", str(tmp_path / "d.onnx")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out[0].split()) == 6                                 # the streamed token ids (no tokenizer)
+    assert out[-1].startswith("prefill ") and "decode" in out[-1] and "engine ONNX Runtime" in out[-1]
+    assert (tmp_path / "d.onnx").exists()
