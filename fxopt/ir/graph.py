@@ -28,8 +28,12 @@ def graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     parameters and buffers: rewrite its graph freely (export-time lowering does) without touching
     ``gm``, and without copying the weights."""
     import copy
+    import warnings
 
-    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    with warnings.catch_warnings():      # deep-copying the pytree specs re-creates torch's deprecated LeafSpec
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     return new
 
