@@ -32,6 +32,7 @@ class OptimizeResult:
     notes: list[str] = field(default_factory=list)
     moe_runtime_: Any = field(default=None, repr=False)      # the MoERuntime made by moe_runtime()
     decoder: Any = None              # fxopt.ir.decoder.DecoderLayout when captured with task="text-generation"
+    model_config: Any = field(default=None, repr=False)      # the HF config of a decoder (for genai_config.json)
 
     # ------------------------------------------------------------------ records
 
@@ -87,14 +88,33 @@ class OptimizeResult:
         return generate(lambda feed: call(module, ExampleInputs((), feed)), self.decoder, input_ids, attention_mask,
                         **kwargs)
 
-    def export_onnx(self, path: str | Path, *, example_inputs: Any = None, **kwargs):
-        """Lower to ONNX and verify it in ONNX Runtime (see :func:`fxopt.lowering.export_onnx`)."""
+    def export_onnx(self, path: str | Path, *, example_inputs: Any = None, genai: bool | None = None,
+                    tokenizer: Any = None, **kwargs):
+        """Lower to ONNX and verify it in ONNX Runtime (see :func:`fxopt.lowering.export_onnx`).
+
+        A decoder (``task="text-generation"``) exported to a path without the ``.onnx`` suffix, or with
+        ``genai=True``, becomes a folder that ``onnxruntime_genai.Model`` loads (``model.onnx``,
+        ``genai_config.json``, the tokenizer's files when ``tokenizer`` is given;
+        :mod:`fxopt.lowering.genai`), written atomically."""
+        import tempfile
+
         from .ir.offload import is_offloaded, materialize
         from .lowering import export_onnx
         module = materialize(clone(self.module)) if is_offloaded(self.module) else self.module
-        return export_onnx(module, path, example_inputs if example_inputs is not None else self.example_inputs,
-                           **kwargs)
-
+        inputs = example_inputs if example_inputs is not None else self.example_inputs
+        path = Path(path)
+        if genai or (genai is None and self.decoder is not None and path.suffix != ".onnx"):
+            if self.decoder is None:
+                raise ValueError("genai=True needs a result captured with task='text-generation'")
+            from .lowering.genai import write_genai_folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+                report = export_onnx(module, Path(tmp) / "decoder.onnx", inputs, **kwargs)
+                write_genai_folder(Path(tmp) / "decoder.onnx", self.decoder, path, model_config=self.model_config,
+                                   tokenizer=tokenizer)
+            report.path = path
+            return report
+        return export_onnx(module, path, inputs, **kwargs)
 
 def optimize(
     model: torch.nn.Module,
@@ -262,7 +282,8 @@ def optimize(
             inst.write(rec0)
     gm, records = manager.run(gm, ctx)
     return OptimizeResult(module=gm, records=[rec0] + records, pipeline=format_pipeline(pass_list),
-                          example_inputs=inputs, capture_seconds=capture_seconds, decoder=layout)
+                          example_inputs=inputs, capture_seconds=capture_seconds, decoder=layout,
+                          model_config=getattr(getattr(model, "model", None), "config", None) if layout else None)
 
 
 def _decoder_feed(layout, batch, what: str, capture: bool = False) -> dict:
