@@ -11,7 +11,8 @@ sequences) for ``--new`` tokens:
   cache goes through numpy each step (no IO binding yet);
 * fxopt variants of the pipeline (``--variants``): ``fp32`` (cleanup), ``w8a8-dyn-sq``
   (SmoothQuant + W8A8 dynamic per token), ``w4-fzp`` (int4 weight-only g32 with float zero
-  points, the GGUF Q4_1 grid → ``MatMulNBits`` in ONNX).
+  points, the GGUF Q4_1 grid → ``MatMulNBits`` in ONNX), ``w4-sym`` / ``w4-int`` (symmetric int4 /
+  integer zero points; not in the default set).
 
 Columns: prefill ms (first step), decode tok/s per sequence (steps 2.., ``batch × steps /
 seconds`` shown as tokens/s over the batch), greedy agreement with HF eager (share of generated
@@ -44,7 +45,9 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 VARIANTS = {"fp32": "cleanup",
             "w8a8-dyn-sq": "smoothquant{alpha=auto,search=dynamic},insert-qdq{scheme=w8a8-dynamic},fuse-qdq",
             "w4-fzp": "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false,weight_zero_point=float},"
-                      "fuse-qdq"}
+                      "fuse-qdq",
+            "w4-sym": "insert-qdq{scheme=w4-weight-only,group=32},fuse-qdq",
+            "w4-int": "insert-qdq{scheme=w4-weight-only,group=32,weight_symmetric=false},fuse-qdq"}
 
 
 def load():
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["fp32", "w8a8-dyn-sq", "w4-fzp"], choices=list(VARIANTS))
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
