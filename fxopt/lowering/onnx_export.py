@@ -163,6 +163,14 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
         report.notes.append(f"{fitted} int8 weights re-rounded to [-64, 64] for target {target} (u8×s8 pairs saturate "
                             f"int16 there); quantize with insert-qdq{{target={target}}} to round them once")
     report.notes += attn_notes
+    slow = _without_integer_kernel(gm)
+    if slow:
+        msg = (f"{len(slow)} quantized linears have no integer kernel in ONNX Runtime and run as float ops around "
+               f"their quantizers (per-token s8 activations: {', '.join(slow[:3])}{' ...' if len(slow) > 3 else ''}); "
+               "for integer GEMMs quantize with insert-qdq{scheme=w8a8-static} or "
+               "insert-qdq{scheme=w8a8-dynamic,granularity=tensor}")
+        report.notes.append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
     report.quantized = _has_quantizers(gm)
     here = isa.detect()
     cross = requires != "any" and not here.exact_s8
@@ -226,6 +234,17 @@ def _mutated_buffers(gm) -> list[str]:
             "model (a KV cache such as transformers' StaticCache) would be frozen into the ONNX file and later steps "
             "would be wrong. Capture a model that takes the cache as inputs and returns the updated cache as "
             "outputs (e.g. DynamicCache past_key_values), or export a forward without the cache (use_cache=False)"]
+
+
+def _without_integer_kernel(gm) -> list[str]:
+    """Module paths of ``fuse-qdq``'s linears that ONNX Runtime cannot run as integer GEMMs (per-token s8)."""
+    from ..ir.meta import QLINEAR
+    out = []
+    for n in gm.graph.nodes:
+        q = QLINEAR.get(n)
+        if q is not None and q.activation.startswith("s8 per-token"):
+            out.append(q.module_path or n.name)
+    return out
 
 
 def _has_quantizers(gm) -> bool:

@@ -221,3 +221,18 @@ def test_bfloat16_export_says_what_to_do_and_writes_nothing(tmp_path):
     with pytest.raises(LoweringError, match=r"bfloat16.*model.float\(\).*verify=False"):
         fxopt.optimize(m, "cleanup", inputs, dynamic=True).export_onnx(path)
     assert path.read_bytes() == b"old"
+
+
+def test_export_says_which_quantized_linears_have_no_integer_kernel(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 16)
+    res = fxopt.optimize(m, "insert-qdq{scheme=w8a8-dynamic},fuse-qdq", (x,))          # per token (the default)
+    with pytest.warns(RuntimeWarning, match=r"2 quantized linears have no integer kernel.*granularity=tensor"):
+        rep = res.export_onnx(tmp_path / "tok.onnx")
+    assert any("no integer kernel" in n for n in rep.notes)
+    res = fxopt.optimize(m, "insert-qdq{scheme=w8a8-dynamic,granularity=tensor},fuse-qdq", (x,))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rep = res.export_onnx(tmp_path / "tensor.onnx")
+    assert not any("no integer kernel" in n for n in rep.notes)
