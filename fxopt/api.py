@@ -182,9 +182,9 @@ def optimize(
                                        "every step): leave dynamic unset")
         step = decoder.wrap(model)
         layout = step.layout
-        example_inputs = _decoder_feed(layout, example_inputs, "example_inputs", capture=True)
+        example_inputs = decoder.prompt_inputs(layout, example_inputs, "example_inputs", capture=True)
         if calibration is not None and not isinstance(calibration, (torch.Tensor, dict)):
-            calibration = [_decoder_feed(layout, b, f"calibration batch {i}") for i, b in enumerate(calibration)]
+            calibration = [decoder.prompt_inputs(layout, b, f"calibration batch {i}") for i, b in enumerate(calibration)]
         model, dynamic = step, layout.dynamic_axes()
     elif task != "forward":
         raise ValueError(f"task must be 'forward' or 'text-generation'; got {task!r}")
@@ -285,30 +285,6 @@ def optimize(
                           example_inputs=inputs, capture_seconds=capture_seconds, decoder=layout,
                           model_config=getattr(getattr(model, "model", None), "config", None) if layout else None)
 
-
-def _decoder_feed(layout, batch, what: str, capture: bool = False) -> dict:
-    """A prompt batch (``input_ids`` tensor, or a dict with ``input_ids`` / ``attention_mask``) as decode-step
-    inputs with an empty (dummy) cache. For the capture example, a batch of 1 is repeated and a 1-token
-    prompt left-padded (masked) to 2: export would otherwise fix those dims at 1."""
-    from .ir.decoder import DecoderError
-    if isinstance(batch, torch.Tensor):
-        ids, mask = batch, None
-    elif isinstance(batch, dict) and "input_ids" in batch:
-        extra = sorted(set(batch) - {"input_ids", "attention_mask"})
-        if extra:
-            raise DecoderError(f"{what}: task='text-generation' takes input_ids and attention_mask; got also {extra}")
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-    else:
-        raise DecoderError(f"{what}: task='text-generation' takes input_ids (a tensor) or a dict with input_ids; "
-                           f"got {type(batch).__name__}")
-    if capture and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.numel():
-        mask = torch.ones_like(ids) if mask is None else mask
-        if ids.shape[1] < 2:
-            ids = torch.cat([ids[:, :1], ids], 1)
-            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)
-        if ids.shape[0] < 2:
-            ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
-    return layout.prefill_inputs(ids, mask)
 
 
 def _private_copy(inputs: ExampleInputs) -> ExampleInputs:

@@ -79,6 +79,30 @@ class DecoderLayout:
                 **self.empty_past(ids.shape[0], slots)}
 
 
+def prompt_inputs(layout: DecoderLayout, batch, what: str, capture: bool = False) -> dict:
+    """A prompt batch (``input_ids`` tensor, or a dict with ``input_ids`` / ``attention_mask``) as decode-step
+    inputs with an empty (dummy) cache. For the capture example, a batch of 1 is repeated and a 1-token
+    prompt left-padded (masked) to 2: export would otherwise fix those dims at 1."""
+    if isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    elif isinstance(batch, dict) and "input_ids" in batch:
+        extra = sorted(set(batch) - {"input_ids", "attention_mask"})
+        if extra:
+            raise DecoderError(f"{what}: task='text-generation' takes input_ids and attention_mask; got also {extra}")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    else:
+        raise DecoderError(f"{what}: task='text-generation' takes input_ids (a tensor) or a dict with input_ids; "
+                           f"got {type(batch).__name__}")
+    if capture and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.numel():
+        mask = torch.ones_like(ids) if mask is None else mask
+        if ids.shape[1] < 2:
+            ids = torch.cat([ids[:, :1], ids], 1)
+            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)
+        if ids.shape[0] < 2:
+            ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    return layout.prefill_inputs(ids, mask)
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """HF's position ids for a left-padded batch: the count of real tokens before each one (pads: 1)."""
     pos = mask.long().cumsum(-1) - 1
