@@ -38,7 +38,7 @@ from _common import fxopt_revision, log  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.backends import sparse24  # noqa: E402
-from fxopt.ir.graph import ExampleInputs, call, clone, flatten_tensors  # noqa: E402
+from fxopt.ir.graph import ExampleInputs, call, clone, flatten_tensors, to_device  # noqa: E402
 from fxopt.passes.nm_sparsity import nm_mask  # noqa: E402
 
 # (name, tokens, in, out): MiniLM/BERT-base FFN and attention shapes, a Llama-7B MLP
@@ -76,6 +76,20 @@ class Timer:
                 fn()
                 times.append(1e3 * (time.perf_counter() - t))
         return statistics.median(times)
+
+
+def graphed(fn):
+    """``fn`` captured once as a CUDA graph: the callable replays it (no per-call host work)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,24 +132,35 @@ def bench_shapes(args, device, dtype, kernels, timer) -> None:
         with torch.no_grad():
             y = torch.nn.functional.linear(x, w, b)
             dense_ms = timer(lambda: torch.nn.functional.linear(x, w, b))
-            row = [name, f"{tokens}x{fin} · {fout}x{fin}ᵀ", f"{dense_ms:.3f}"]
+            dense_g = None if args.dry_run else timer(graphed(lambda: torch.nn.functional.linear(x, w, b)))
+            row = [name, f"{tokens}x{fin} · {fout}x{fin}ᵀ", f"{dense_ms:.3f}",
+                   "-" if dense_g is None else f"{dense_g:.3f}"]
             for kernel in kernels:
+                problem = None if args.dry_run else sparse24.cuda_problem(kernel)
+                if problem:
+                    row += ["n/a", "", problem.split(": ", 1)[-1][:48], "", ""]
+                    continue
                 chk = sparse24.check_weight(w, dtype=dtype, kernel=kernel)
                 if not chk.accepted:
-                    row += ["rejected", "", "; ".join(chk.reasons)[:40]]
+                    row += ["rejected", "", "; ".join(chk.reasons)[:40], "", ""]
                     continue
                 try:
                     ws = converter(kernel, args.dry_run)(w)
                     ys = torch.nn.functional.linear(x, ws, b)
                     ms = timer(lambda: torch.nn.functional.linear(x, ws, b))
                     row += [f"{ms:.3f}", f"{dense_ms / ms:.2f}x", f"{rel_err(ys, y):.1e}"]
+                    if dense_g is not None:
+                        gms = timer(graphed(lambda: torch.nn.functional.linear(x, ws, b)))
+                        row += [f"{gms:.3f}", f"{dense_g / gms:.2f}x"]
+                    else:
+                        row += ["-", "-"]
                 except Exception as e:  # noqa: BLE001 - a kernel missing from this build is a result too
-                    row += ["error", "", f"{type(e).__name__}: {e}"[:60]]
+                    row += ["error", "", f"{type(e).__name__}: {e}"[:60], "", ""]
         log(f"{name}: {' '.join(row[2:])}")
         rows.append(row)
-    cols = ["layer", "x · Wᵀ", "dense ms"]
+    cols = ["layer", "x · Wᵀ", "dense ms", "dense graph ms"]
     for k in kernels:
-        cols += [f"{k} ms", f"{k} speedup", f"{k} rel err"]
+        cols += [f"{k} ms", f"{k} speedup", f"{k} rel err", f"{k} graph ms", f"{k} graph speedup"]
     print_table(f"Linear layers, {str(dtype).replace('torch.', '')}, 2:4-masked weights (median of {args.iters})",
                 cols, rows, args.markdown)
 
@@ -164,25 +189,34 @@ def bench_model(args, device, dtype, kernels, timer) -> None:
         return v
 
     ex_dev = ExampleInputs(tuple(move(a) for a in ex.args), {k: move(v) for k, v in ex.kwargs.items()})
-    dense = clone(masked).to(device=device, dtype=dtype)
+    dense = to_device(clone(masked), device, dtype)
     with torch.no_grad():
         ref = flatten_tensors(call(dense, ex_dev))[0]
         dense_ms = timer(lambda: call(dense, ex_dev))
-    rows = [["dense " + str(dtype).replace("torch.", ""), f"{dense_ms:.3f}", "1.00x", "0", "-"]]
+    dt = str(dtype).replace("torch.", "")
+    rows = [[f"dense {dt}", f"{dense_ms:.3f}", "1.00x", "0", "-"]]
+    graphs = [False] if args.dry_run else [False, True]
+    if not args.dry_run:
+        dense_run = sparse24.CudaGraphRunner(dense)
+        with torch.no_grad():
+            dense_g = timer(lambda: dense_run(ex_dev))
+        rows.append([f"dense {dt}, CUDA graph", f"{dense_g:.3f}", f"{dense_ms / dense_g:.2f}x", "0", "-"])
     for kernel in kernels:
-        try:
-            be = sparse24.Sparse24Backend(masked, dtype=dtype, kernel=kernel, device=device,
-                                          convert=converter(kernel, True) if args.dry_run else None)
-            with torch.no_grad():
-                out = flatten_tensors(call(be.module, ex_dev))[0]
-                ms = timer(lambda: call(be.module, ex_dev))
-            rows.append([f"sparse24 {kernel}", f"{ms:.3f}", f"{dense_ms / ms:.2f}x", f"{rel_err(out, ref):.1e}",
-                         be.notes[0].split(" run as")[0]])
-        except Exception as e:  # noqa: BLE001
-            rows.append([f"sparse24 {kernel}", "error", "", "", f"{type(e).__name__}: {e}"[:80]])
-        log(f"model {kernel}: {rows[-1][1:]}")
+        for graph in graphs:
+            label = f"sparse24 {kernel}" + (", CUDA graph" if graph else "")
+            try:
+                be = sparse24.Sparse24Backend(masked, dtype=dtype, kernel=kernel, device=device, cuda_graph=graph,
+                                              convert=converter(kernel, True) if args.dry_run else None)
+                with torch.no_grad():
+                    out = be.run(ex_dev)[0]
+                    ms = timer(lambda: be.run(ex_dev))
+                rows.append([label, f"{ms:.3f}", f"{dense_ms / ms:.2f}x", f"{rel_err(out, ref):.1e}",
+                             be.notes[0].split(" run as")[0]])
+            except Exception as e:  # noqa: BLE001
+                rows.append([label, "error", "", "", f"{type(e).__name__}: {e}"[:80]])
+            log(f"model {label}: {rows[-1][1:]}")
     print_table(f"{desc}, nm-sparsity 2:4, batch {args.batch} x seq {args.seq}, median of {args.iters}",
-                ["engine", "ms / batch", "speedup", "rel err vs dense", "linears sparse"], rows, args.markdown)
+                ["engine", "ms / batch", "speedup vs dense (no graph)", "rel err vs dense", "linears sparse"], rows, args.markdown)
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from ..ir.graph import ExampleInputs, call, clone, flatten_tensors, fresh_attr_name, get_attr, set_attr
+from ..ir.graph import ExampleInputs, call, clone, flatten_tensors, fresh_attr_name, get_attr, set_attr, to_device
 from ..ir.meta import NM_MASK
 from ..ir.structure import linears
 
@@ -181,13 +181,20 @@ def lint_report(checks: list[LinearCheck]) -> str:
 # The backend (CUDA)
 # --------------------------------------------------------------------------------------------------
 
-def cuda_problem() -> str | None:
-    """Why semi-structured sparse GEMMs cannot run here, or None when they can."""
+def cuda_problem(kernel: str | None = None) -> str | None:
+    """Why semi-structured sparse GEMMs (of ``kernel``, when given) cannot run here, or None when they can.
+
+    PyTorch's CUTLASS 2:4 kernels are built for compute capability 8.x only (measured on an H200,
+    torch 2.11: "sparse_semi_structured_mad_op: Supported only on GPUs with compute capability 8.x");
+    cuSPARSELt runs on sm80 and newer."""
     if not torch.cuda.is_available():
         return "CUDA is not available (2:4 semi-structured sparse kernels need an NVIDIA GPU, sm80 or newer)"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return f"GPU compute capability {major}.{minor} < 8.0: sparse tensor cores need Ampere (sm80) or newer"
+    if kernel == "cutlass" and major != 8:
+        return (f"GPU compute capability {major}.{minor}: PyTorch's CUTLASS 2:4 kernels run on 8.x only; "
+                "use kernel='cusparselt'")
     return None
 
 
@@ -220,13 +227,12 @@ def lower(gm: torch.fx.GraphModule, *, dtype: torch.dtype = torch.float16, kerne
                          "backend does not produce")
     checks = lint(gm, dtype=dtype, kernel=kernel)
     if convert is None:
-        problem = cuda_problem()
+        problem = cuda_problem(kernel)
         if problem:
             raise RuntimeError(f"sparse24 backend: {problem}; use fxopt.backends.sparse24.lint() to check the "
                                "layers on CPU")
         convert = lambda w: _to_semi_structured(w, kernel)  # noqa: E731
-    out = clone(gm)
-    out.to(device=device, dtype=dtype)          # floating parameters and buffers only
+    out = to_device(clone(gm), device, dtype)     # constants and baked-in devices too (ir.graph.to_device)
     g = out.graph
     by_name = {n.name: n for n in g.nodes}
     converted, dense = 0, []
@@ -258,20 +264,71 @@ def lower(gm: torch.fx.GraphModule, *, dtype: torch.dtype = torch.float16, kerne
     return out, checks, notes
 
 
+class CudaGraphRunner:
+    """Replay ``module`` as a CUDA graph, one graph per input signature (shapes and dtypes).
+
+    cuSPARSELt's per-call host work (measured on an H200, torch 2.11: ~1 ms of CPU per
+    ``_cslt_sparse_mm``, against 14 µs of GPU time for a 4096×384 · 384×1536 product) dominates
+    every sparse linear unless the calls are captured once and replayed. The first call with a new
+    signature warms the module up on a side stream, captures it, and keeps static input and output
+    buffers; later calls copy the inputs in, replay, and return clones of the outputs. Inputs are
+    the flat tensors of ``ExampleInputs`` (non-tensor arguments must not change between calls)."""
+
+    def __init__(self, module: torch.nn.Module, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device; run without cuda_graph=True on this machine")
+        self.module, self.warmup = module, warmup
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, ex: ExampleInputs) -> list[torch.Tensor]:
+        import torch.utils._pytree as pytree
+
+        leaves, spec = pytree.tree_flatten((ex.args, ex.kwargs))
+        tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        key = (spec, tuple((i, tuple(leaves[i].shape), leaves[i].dtype) for i in tensors),
+               tuple(v for v in leaves if not isinstance(v, torch.Tensor)))
+        if key not in self.graphs:
+            static = list(leaves)
+            for i in tensors:
+                static[i] = leaves[i].clone()
+            args, kwargs = pytree.tree_unflatten(static, spec)
+            inp = ExampleInputs(tuple(args), kwargs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    call(self.module, inp)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph):
+                outs = flatten_tensors(call(self.module, inp))
+            self.graphs[key] = (graph, [static[i] for i in tensors], outs)
+        graph, inputs, outs = self.graphs[key]
+        for buf, i in zip(inputs, tensors):
+            buf.copy_(leaves[i])
+        graph.replay()
+        return [o.clone() for o in outs]
+
+
 class Sparse24Backend:
     """Run a graph on CUDA with its N:M-masked linears as 2:4 sparse GEMMs (see the module docstring).
 
     ``run(inputs)`` moves tensor inputs to the device (floating ones cast to ``dtype``) and returns
-    the flat list of outputs on the device."""
+    the flat list of outputs on the device. ``cuda_graph=True`` replays the module as a CUDA graph per
+    input signature (:class:`CudaGraphRunner`): without it cuSPARSELt's per-call host overhead makes
+    the sparse model slower than dense (``benchmarks/bench_sparse24_gpu.py``)."""
 
     name = "sparse24"
 
     def __init__(self, module: torch.fx.GraphModule, *, dtype: torch.dtype = torch.float16,
                  kernel: str = "cusparselt", device: str | torch.device = "cuda", only_masked: bool = True,
-                 convert: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 convert: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False):
         self.dtype, self.device = dtype, torch.device(device)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"sparse24 backend: cuda_graph=True needs device='cuda'; got {device!r}")
         self.module, self.checks, self.notes = lower(module, dtype=dtype, kernel=kernel, device=device,
                                                      only_masked=only_masked, convert=convert)
+        self.graphed = CudaGraphRunner(self.module) if cuda_graph else None
 
     def _move(self, v: Any) -> Any:
         if isinstance(v, torch.Tensor):
@@ -282,6 +339,8 @@ class Sparse24Backend:
     def run(self, inputs: Any) -> list[torch.Tensor]:
         ex = ExampleInputs.of(inputs)
         ex = ExampleInputs(tuple(self._move(a) for a in ex.args), {k: self._move(v) for k, v in ex.kwargs.items()})
+        if self.graphed is not None:
+            return self.graphed(ex)
         with torch.no_grad():
             return flatten_tensors(call(self.module, ex))
 

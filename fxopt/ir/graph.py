@@ -38,6 +38,43 @@ def graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
+def to_device(gm: torch.fx.GraphModule, device: str | torch.device, dtype: torch.dtype | None = None
+              ) -> torch.fx.GraphModule:
+    """Move a captured graph to ``device`` (and floating tensors to ``dtype``) in place; returns ``gm``.
+
+    ``Module.to`` is not enough for an exported graph: it moves parameters and buffers but not
+    (1) tensor constants held as plain attributes, nor (2) the device baked into nodes at capture
+    (``arange(..., device=cpu)``, ``to(x, cpu, torch.bool)``, ``_assert_tensor_metadata(device=cpu)``),
+    so the moved graph fails with "tensors on different devices" at the first such node. This moves
+    every tensor attribute, rewrites every ``torch.device`` argument to ``device``, and — when
+    ``dtype`` changes floating tensors — drops the ``_assert_tensor_metadata`` checks, which assert the
+    dtypes seen at capture."""
+    device = torch.device(device)
+    gm.to(device=device, dtype=dtype) if dtype is not None else gm.to(device=device)
+    for mod in gm.modules():
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                moved = value.to(device)
+                if dtype is not None and moved.is_floating_point():
+                    moved = moved.to(dtype)
+                setattr(mod, name, moved)
+
+    def swap(a):
+        return device if isinstance(a, torch.device) else a
+
+    assert_op = torch.ops.aten._assert_tensor_metadata.default
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is assert_op and dtype is not None:
+            gm.graph.erase_node(node)
+            continue
+        node.args = torch.fx.node.map_aggregate(node.args, swap)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+    gm.recompile()
+    return gm
+
+
 def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     """The tensor behind a ``get_attr`` target such as ``encoder.layer.0.output.dense.weight``.
 

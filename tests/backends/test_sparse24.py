@@ -8,7 +8,7 @@ from fxopt.backends import BACKENDS, Sparse24Backend
 from fxopt.backends import sparse24
 from fxopt.backends.sparse24 import check_weight, constraints, lint, lint_report
 from fxopt.ir import capture
-from fxopt.ir.graph import clone, get_attr
+from fxopt.ir.graph import clone, get_attr, to_device
 from fxopt.models import tiny_gpt
 from fxopt.passes.nm_sparsity import nm_mask
 
@@ -173,9 +173,20 @@ def test_semi_structured_on_gpu_matches_dense_fp16():
     assert be.notes[0].startswith("8 of 9 linears")
     w = get_attr(be.module, [n for n in be.module.graph.nodes if n.op == "get_attr" and "sparse24" in n.target][0].target)
     assert isinstance(w, torch.sparse.SparseSemiStructuredTensor)
-    dense = clone(res.module).to(device="cuda", dtype=torch.float16)
+    dense = to_device(clone(res.module), "cuda", torch.float16)
     with torch.no_grad():
         ref = dense(*(a.cuda() for a in lm.example_inputs))
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
     out = be.run(lm.example_inputs)[0]
     assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()) < 5e-3
+    graphed = Sparse24Backend(res.module, dtype=torch.float16, cuda_graph=True)
+    other = [a.roll(1, -1) if a.dtype == torch.long else a for a in lm.example_inputs]
+    for inputs in (lm.example_inputs, other, lm.example_inputs):      # replays see each call's inputs
+        assert torch.equal(graphed.run(inputs)[0], be.run(inputs)[0])
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    lm = tiny_gpt(layers=1)
+    gm = capture(lm.model, lm.example_inputs)
+    with pytest.raises(ValueError, match="cuda_graph=True needs device='cuda'"):
+        Sparse24Backend(gm, dtype=torch.bfloat16, device="cpu", convert=lambda w: w, cuda_graph=True)
