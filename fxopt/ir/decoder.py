@@ -19,9 +19,15 @@ mask entries are 0: masked keys get probability exactly 0, so outputs equal the 
 forward's. :mod:`fxopt.runtime.generate` adds them; :meth:`DecoderLayout.prefill_inputs` makes
 example and calibration inputs the same way.
 
-Not supported (a clear error names it): models whose cache is not a plain per-layer key/value
-list (sliding-window or hybrid caches: Mistral with ``sliding_window``, Gemma2/3, Mamba-style
-state), encoder-decoder models.
+**Sliding-window attention** (Mistral with ``sliding_window``, Qwen2 with ``use_sliding_window``,
+Gemma2/3's alternating local/global layers): the explicit cache keeps every token, and the model's
+own mask code restricts each sliding layer to the last ``sliding_window`` positions. HF's
+``DynamicCache(config)`` would instead drop keys older than the window from sliding layers; both
+give the same attention (the dropped keys are masked), so greedy output is identical, and the
+explicit cache costs ``P`` instead of ``min(P, window)`` slots on those layers.
+
+Not supported (a clear error names it): recurrent or convolutional state (Mamba-style or hybrid
+``layer_types``), caches shared between layers, encoder-decoder models.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}   # config.layer_types the explicit cache supports
 DUMMY_SLOTS = 2          # masked zero slots at the start of every cache (see the module docstring)
 MIN_TOTAL = 4            # P + T the captured step needs
 
@@ -144,13 +151,14 @@ def layout_of(model: torch.nn.Module) -> DecoderLayout:
         raise DecoderError(f"{type(model).__name__} is an encoder-decoder model: task='text-generation' captures "
                            "decoder-only causal LMs")
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False:
-        raise DecoderError(f"{type(model).__name__} uses a sliding-window cache (sliding_window="
-                           f"{text.sliding_window}): not supported by fxopt's explicit KV cache yet")
     layer_types = getattr(text, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise DecoderError(f"{type(model).__name__} mixes layer types {sorted(set(layer_types))}: only full-attention "
-                           "layers are supported by fxopt's explicit KV cache")
+    if layer_types and any(t not in ATTENTION_LAYERS for t in layer_types):
+        raise DecoderError(f"{type(model).__name__} has layers of type {sorted(set(layer_types) - ATTENTION_LAYERS)}: "
+                           "fxopt's explicit KV cache holds attention keys/values only (full or sliding-window "
+                           "attention), not recurrent or convolutional state")
+    if getattr(text, "num_kv_shared_layers", 0):
+        raise DecoderError(f"{type(model).__name__} shares key/value caches between layers (num_kv_shared_layers="
+                           f"{text.num_kv_shared_layers}): not supported by fxopt's explicit KV cache")
     n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
     kv = getattr(text, "num_key_value_heads", None) or heads
@@ -172,7 +180,7 @@ class _StepBase(torch.nn.Module):
     def _step(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()          # full layers, also for sliding-window attention (see the module docstring)
         for i in range(self.layout.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -119,11 +119,12 @@ def test_bad_inputs_and_models_get_clear_errors():
 
 
 def test_unsupported_caches_are_named():
-    from transformers import MistralConfig, MistralForCausalLM, T5Config, T5ForConditionalGeneration
-    m = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
-    with pytest.raises(decoder.DecoderError, match="sliding-window cache"):
-        decoder.layout_of(m)
+    from transformers import Lfm2Config, Lfm2ForCausalLM, T5Config, T5ForConditionalGeneration
+    hybrid = Lfm2ForCausalLM(Lfm2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        layer_types=["conv", "full_attention"]))
+    with pytest.raises(decoder.DecoderError, match=r"layers of type \['conv'\].*not recurrent or convolutional"):
+        decoder.layout_of(hybrid)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8))
     with pytest.raises(decoder.DecoderError, match="encoder-decoder"):
         decoder.layout_of(t5)
