@@ -103,10 +103,15 @@ class OptimizeResult:
         module = materialize(clone(self.module)) if is_offloaded(self.module) else self.module
         inputs = example_inputs if example_inputs is not None else self.example_inputs
         path = Path(path)
+        if self.decoder is not None and any(t.axis != "past" for t in self.decoder.cache_tensors):
+            # keys per channel (kv-cache{granularity=channel}): cache tensors whose dim 2 counts blocks, or tokens
+            # of whole blocks, not the past length that the decoder-kernel rewrite reads from every past_* input
+            kwargs.setdefault("decoder_kernels", False)
         if genai or (genai is None and self.decoder is not None and path.suffix != ".onnx"):
             if self.decoder is None:
                 raise ValueError("genai=True needs a result captured with task='text-generation'")
-            from .lowering.genai import write_genai_folder
+            from .lowering.genai import check_layout, write_genai_folder
+            check_layout(self.decoder)               # before the export: a quantized KV cache cannot go to GenAI
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
                 report = export_onnx(module, Path(tmp) / "decoder.onnx", inputs, **kwargs)
@@ -281,8 +286,10 @@ def optimize(
         if isinstance(inst, Dump):
             inst.write(rec0)
     gm, records = manager.run(gm, ctx)
+    if layout is not None:               # a pass may store the cache in another form (kv-cache): describe the graph's
+        layout = decoder.with_graph_cache(layout, gm)
     return OptimizeResult(module=gm, records=[rec0] + records, pipeline=format_pipeline(pass_list),
-                          example_inputs=inputs, capture_seconds=capture_seconds, decoder=layout,
+                          example_inputs=ctx.example_inputs, capture_seconds=capture_seconds, decoder=layout,
                           model_config=getattr(getattr(model, "model", None), "config", None) if layout else None)
 
 

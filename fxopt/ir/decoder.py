@@ -46,7 +46,16 @@ class DecoderError(ValueError):
 
 @dataclass(frozen=True)
 class DecoderLayout:
-    """Shapes of the explicit cache: what the generation loop and the exporter need."""
+    """Shapes of the explicit cache: what the generation loop and the exporter need.
+
+    The cache is a list of :class:`CacheTensor`: each is one step input ``past_<name>`` and the output
+    ``present_<name>`` that continues it, of shape ``[batch, kv_heads, tokens, *trailing]``. ``cache``
+    empty (as captured) means a float key and value per layer, ``past_key_<i>`` / ``past_value_<i>`` of
+    trailing dims ``(head_dim,)`` in ``dtype``; the ``kv-cache`` pass stores them quantized (integer codes
+    plus float scales, :mod:`fxopt.passes.kv_cache`) and ``optimize`` then describes that cache here
+    (:func:`with_graph_cache`). Names, dtypes and shapes for ``empty_past``, the dynamic axes, the
+    generation loop and the exporter all come from :attr:`cache_tensors`.
+    """
 
     num_layers: int
     kv_heads: int
@@ -54,6 +63,26 @@ class DecoderLayout:
     vocab_size: int
     dtype: torch.dtype = torch.float32
     max_positions: int | None = None
+    cache: tuple[CacheTensor, ...] = ()
+
+    @property
+    def cache_tensors(self) -> tuple[CacheTensor, ...]:
+        """Every cache tensor in step-input order (the captured float pair per layer when ``cache`` is empty)."""
+        if self.cache:
+            return tuple(self.cache)
+        return tuple(CacheTensor(f"{kind}_{i}", self.dtype, (self.head_dim,))
+                     for i in range(self.num_layers) for kind in ("key", "value"))
+
+    @property
+    def quantized_cache(self) -> bool:
+        """True when some cache tensor is stored as integers (a ``kv-cache`` pass ran)."""
+        return any(not t.dtype.is_floating_point for t in self.cache_tensors)
+
+    @property
+    def cache_bytes_per_token(self) -> float:
+        """Bytes one more cached token takes in one sequence, all layers, keys and values (codes, scales and all;
+        a bounded float residual, :attr:`CacheTensor.axis` ``past_residual``, not counted)."""
+        return sum(self.kv_heads * t.bytes_per_token for t in self.cache_tensors)
 
     @property
     def input_names(self) -> list[str]:
@@ -61,19 +90,22 @@ class DecoderLayout:
 
     @property
     def past_names(self) -> list[str]:
-        return [f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+        return [t.past for t in self.cache_tensors]
 
     @property
     def present_names(self) -> list[str]:
-        return [f"present_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+        return [t.present for t in self.cache_tensors]
 
     def empty_past(self, batch: int, slots: int) -> dict[str, torch.Tensor]:
-        return {n: torch.zeros(batch, self.kv_heads, slots, self.head_dim, dtype=self.dtype) for n in self.past_names}
+        """A cache of ``slots`` masked dummy tokens of zeros (zero codes with zero scales dequantize to 0): every
+        tensor that holds tokens one by one gets ``slots`` entries, block-quantized ones none."""
+        return {t.past: torch.zeros(batch, self.kv_heads, slots if t.holds_dummies else 0, *t.trailing, dtype=t.dtype)
+                for t in self.cache_tensors}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
                 "position_ids": {0: "batch", 1: "seq"}}
-        axes.update({n: {0: "batch", 2: "past"} for n in self.past_names})
+        axes.update({t.past: {0: "batch", 2: t.axis} for t in self.cache_tensors})
         return axes
 
     def prefill_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
@@ -202,3 +234,93 @@ def wrap(model: torch.nn.Module) -> "_StepBase":
     exec(compile(src, "<fxopt.ir.decoder.DecoderStep>", "exec"), ns)            # noqa: S102 - names are ours
     cls = type("DecoderStep", (_StepBase,), {"forward": ns["forward"], "__module__": __name__})
     return cls(model, layout)
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """One tensor of a decode step's cache: input ``past_<name>``, output ``present_<name>`` (what the step
+    stores for the next one), shape ``[batch, kv_heads, n, *trailing]``, dtype ``dtype``. ``axis`` names dim 2
+    (the ONNX dim name too):
+
+    * ``past`` — one entry per cached token (a float cache; per-token codes and scales);
+    * ``past_quantized`` — one per token of the whole blocks quantized so far (per-channel key codes);
+    * ``past_blocks_<G>`` — one per block of ``G`` tokens (per-channel key scales and minima);
+    * ``past_residual`` — the newest tokens not in a whole block yet (fewer than ``G``, float).
+
+    An empty cache holds the dummy slots in the ``past`` and ``past_residual`` tensors; the others start with
+    no entry."""
+
+    name: str
+    dtype: torch.dtype
+    trailing: tuple[int, ...]
+    axis: str = "past"
+
+    @property
+    def holds_dummies(self) -> bool:
+        return self.axis in ("past", "past_residual")
+
+    @property
+    def block(self) -> int:
+        """Tokens per entry along dim 2 (``G`` for ``past_blocks_<G>``, else 1)."""
+        import re
+
+        m = re.fullmatch(r"past_blocks_(\d+)", self.axis)
+        return int(m.group(1)) if m else 1
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes one more cached token adds to this tensor per KV head (0 for the bounded residual)."""
+        return 0.0 if self.axis == "past_residual" else self.bytes_per_slot / self.block
+
+    @property
+    def past(self) -> str:
+        return f"past_{self.name}"
+
+    @property
+    def present(self) -> str:
+        return f"present_{self.name}"
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes of one token of one KV head."""
+        n = 1
+        for d in self.trailing:
+            n *= int(d)
+        return n * (torch.finfo(self.dtype).bits if self.dtype.is_floating_point else torch.iinfo(self.dtype).bits) // 8
+
+
+def graph_cache(gm: torch.fx.GraphModule) -> tuple[CacheTensor, ...]:
+    """The cache tensors a decode-step graph takes: its ``past_*`` placeholders in order (dtype and trailing dims
+    from their ``val``), each with its ``present_*`` output. :class:`DecoderError` names a placeholder without a
+    present output or without a known shape."""
+    from .meta import CAPTURE, VAL
+
+    info = CAPTURE.get(gm)
+    outputs = set(info.output_names) if info is not None else None
+    axes = info.dynamic_axes if info is not None else {}
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" or not str(n.target).startswith("past_"):
+            continue
+        val = VAL.get(n)
+        if not isinstance(val, torch.Tensor) or val.dim() < 3 or not all(isinstance(d, int) for d in val.shape[3:]):
+            raise DecoderError(f"cache input {n.target!r} has no known shape [batch, kv_heads, tokens, ...] in its "
+                               "meta['val']: the graph was changed by something that did not keep its metadata")
+        t = CacheTensor(str(n.target)[len("past_"):], val.dtype, tuple(int(d) for d in val.shape[3:]),
+                        str(axes.get(str(n.target), {}).get(2, "past")))
+        if outputs is not None and t.present not in outputs:
+            raise DecoderError(f"cache input {t.past!r} has no output {t.present!r} (outputs: {sorted(outputs)})")
+        found.append(t)
+    return tuple(found)
+
+
+def with_graph_cache(layout: DecoderLayout, gm: torch.fx.GraphModule) -> DecoderLayout:
+    """``layout`` describing the cache ``gm`` takes now (after passes such as ``kv-cache``); ``layout`` itself
+    when the graph still takes the captured float cache."""
+    import dataclasses
+
+    found = graph_cache(gm)
+    if not found or found == DecoderLayout(layout.num_layers, layout.kv_heads, layout.head_dim, layout.vocab_size,
+                                           layout.dtype).cache_tensors:
+        return dataclasses.replace(layout, cache=())
+    return dataclasses.replace(layout, cache=found)

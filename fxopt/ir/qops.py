@@ -265,19 +265,33 @@ MATMUL_NBITS = torch.ops.fxopt.matmul_nbits.default
 
 
 @torch.library.custom_op("fxopt::gather_nbits", mutates_args=())
-def gather_nbits(packed: Tensor, indices: Tensor, scales: Tensor, d: int, block_size: int) -> Tensor:
-    """Rows of a 4-bit table: ``out[..., j] = (q[idx, j] − 8) · scales[idx, j // block]`` (``GatherBlockQuantized``).
+def gather_nbits(packed: Tensor, indices: Tensor, scales: Tensor, d: int, block_size: int,
+                 zero_points: Optional[Tensor] = None) -> Tensor:
+    """Rows of a 4-bit table: ``out[..., j] = (u[idx, j] − z[idx, j // block]) · scales[idx, j // block]``
+    (``GatherBlockQuantized``).
 
-    ``packed``: uint8 ``[V, d/2]``, two values per byte, low nibble first, stored ``+8``;
-    ``scales``: ``[V, d/block]``. Only the gathered rows are unpacked."""
-    rows = packed[indices.reshape(-1)]
-    q = unpack_nbits(rows, d).to(torch.float32)
-    s = scales[indices.reshape(-1)].to(torch.float32).repeat_interleave(block_size, dim=1)[:, :d]
-    return (q * s).reshape(*indices.shape, d)
+    ``packed``: uint8 ``[V, d/2]``, two values per byte, low nibble first (``u`` in ``[0, 15]``);
+    ``scales``: ``[V, d/block]``. ``z`` = 8 without ``zero_points`` (symmetric int4 stored ``+8``),
+    else the per-block zero points of the gathered rows: uint8 ``[V, ceil(d/block / 2)]`` packed as
+    ``MatMulNBits``' (:func:`pack_zero_points`; ``GatherBlockQuantized`` reads them the same way), or
+    a float tensor ``[V, d/block]`` taken as it is (min-max affine groups, which ``GatherBlockQuantized``
+    cannot take: its ONNX form is written out). Only the gathered rows are unpacked."""
+    flat = indices.reshape(-1)
+    u = unpack_uint4(packed[flat], d).to(torch.float32)
+    n_blocks = -(-d // block_size)
+    if zero_points is None:
+        z = torch.full((flat.numel(), n_blocks), 8.0)
+    elif zero_points.is_floating_point():
+        z = zero_points.reshape(-1, n_blocks)[flat].to(torch.float32)
+    else:
+        z = unpack_zero_points(zero_points[flat], n_blocks).to(torch.float32)
+    z = z.repeat_interleave(block_size, dim=1)[:, :d]
+    s = scales.reshape(-1, n_blocks)[flat].to(torch.float32).repeat_interleave(block_size, dim=1)[:, :d]
+    return ((u - z) * s).reshape(*indices.shape, d)
 
 
 @gather_nbits.register_fake
-def _gather_nbits_fake(packed, indices, scales, d, block_size):
+def _gather_nbits_fake(packed, indices, scales, d, block_size, zero_points=None):
     return packed.new_empty((*indices.shape, d), dtype=torch.float32)
 
 

@@ -18,6 +18,12 @@ GenAI starts every sequence with an empty cache (past length 0) and feeds ``posi
 2-D ``attention_mask`` itself; the exported step computes the cache-less forward there without
 fxopt's dummy slots (measured: logits within 1.2e-7 of HF at past 0 and 1 on the tiny Llama).
 
+A decoder whose cache the ``kv-cache`` pass stores quantized (codes plus scale tensors per layer,
+:mod:`fxopt.passes.kv_cache`) is refused (:func:`check_layout`): GenAI 0.18 feeds one float — or, for models
+its own builder writes, int8/uint8 with static scales inside ``GroupQueryAttention`` — ``past_key_values``
+tensor per layer and kind, and has no way to carry fxopt's per-token scale (or per-channel block and residual)
+tensors from step to step.
+
 The folder is built in a temporary folder beside ``folder``, loaded once with
 ``onnxruntime_genai.Model`` when that package is installed, and only then moved into place: a
 failed write never replaces an existing folder.
@@ -47,6 +53,22 @@ MODEL_TYPE = "llama"
 
 class GenAIError(ValueError):
     """The ONNX file, the layout or the model config cannot be written as a GenAI folder."""
+
+
+def check_layout(layout: DecoderLayout) -> None:
+    """:class:`GenAIError` when GenAI cannot feed this decoder's cache (anything but a float key and value per layer)."""
+    if not layout.cache:
+        return
+    extra = [t.past for t in layout.cache_tensors if not (t.dtype.is_floating_point and t.axis == "past"
+                                                          and t.trailing == (layout.head_dim,))]
+    odd = ", ".join(f"{t.past} ({str(t.dtype).replace('torch.', '')}, [{t.axis}, {', '.join(map(str, t.trailing))}])"
+                    for t in layout.cache_tensors if t.past in extra[:4])
+    raise GenAIError(f"this decoder stores its KV cache quantized ({odd}{', ...' if len(extra) > 4 else ''}: the "
+                     "kv-cache pass). onnxruntime-genai feeds one past_key_values.<i>.key/value tensor per layer "
+                     "(float, or int8/uint8 with static scales inside its own GroupQueryAttention models) and cannot "
+                     "carry these codes and scales from step to step. Export a plain ONNX decoder instead "
+                     "(res.export_onnx('decoder.onnx')) and run it with fxopt.runtime.ort_step, or leave kv-cache out "
+                     "of the pipeline for a GenAI folder")
 
 
 def genai_names(layout: DecoderLayout) -> dict[str, str]:
@@ -132,6 +154,7 @@ def write_genai_folder(onnx_path: str | os.PathLike, layout: DecoderLayout, fold
     """
     import onnx_ir as ir
 
+    check_layout(layout)
     src = Path(onnx_path)
     if not src.is_file():
         raise GenAIError(f"{src} is not a file: export the decoder first (res.export_onnx(path))")

@@ -19,6 +19,10 @@ Steps, each failing with a message that says what to do:
    (which includes strict shape inference), then verification: ONNX Runtime runs the file on the
    example inputs and its outputs are compared with the GraphModule's (max abs / max rel error,
    row cosines in the report); only then is the file moved into place.
+
+A decode step (``task="text-generation"``: ``past_*`` inputs) is rewritten after export onto ONNX Runtime's
+decoder kernels (``GroupQueryAttention``, ``SkipSimplifiedLayerNormalization``; :mod:`fxopt.lowering.decoder_ops`)
+unless ``decoder_kernels=False``; verification then checks the rewritten file.
 """
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
                 dynamic: bool | dict | None = True, opset: int = OPSET, verify: bool = True,
                 atol: float = 1e-4, rtol: float = 1e-3, min_cos: float = 0.995, check: bool = True,
                 fused_attention: bool = True, integer_linears: bool = True,
-                target: str | None = "auto") -> ExportReport:
+                target: str | None = "auto", decoder_kernels: bool = True) -> ExportReport:
     """Export ``gm`` to ``path``; returns an :class:`ExportReport`.
 
     ``dynamic=True`` keeps the dynamic axes recorded at capture, ``None``/``False`` exports
@@ -107,6 +111,10 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
 
     The file is written, checked and verified under a temporary name beside ``path`` and moved
     into place only when all of that passed: a failed export never replaces an existing file.
+
+    ``decoder_kernels`` (decode steps only): rewrite attention, rotary and residual RMSNorms onto ORT's
+    ``GroupQueryAttention`` / ``SkipSimplifiedLayerNormalization`` (:mod:`fxopt.lowering.decoder_ops`; what
+    matched is in the report's notes); ``False`` writes the exporter's generic form.
     """
     import onnx
 
@@ -149,6 +157,11 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
             _optimize_onnx(program.model)
     except Exception as e:  # noqa: BLE001
         raise LoweringError(_explain_export_failure(e)) from e
+    decoder_notes = []
+    if decoder_kernels and _is_decode_step(gm):
+        from .decoder_ops import fuse_decoder_ops
+        dk = fuse_decoder_ops(program.model)
+        decoder_notes = ([dk.summary()] if dk.modified else []) + dk.notes
     meta = {"fxopt.int8_target": target, "fxopt.int8_requires": requires,
             "fxopt.int8_weight_max": str(peak)}
     with contextlib.suppress(AttributeError):
@@ -163,7 +176,7 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
     if fitted:
         report.notes.append(f"{fitted} int8 weights re-rounded to [-64, 64] for target {target} (u8×s8 pairs saturate "
                             f"int16 there); quantize with insert-qdq{{target={target}}} to round them once")
-    report.notes += attn_notes
+    report.notes += attn_notes + decoder_notes
     slow = _without_integer_kernel(gm)
     if slow:
         msg = (f"{len(slow)} quantized linears have no integer kernel in ONNX Runtime and run as float ops around "
@@ -242,6 +255,12 @@ def _staged(path: Path):
             os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _is_decode_step(gm) -> bool:
+    """A ``task="text-generation"`` step (:mod:`fxopt.ir.decoder`): ``input_ids``, ``attention_mask`` and ``past_*`` inputs."""
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    return "input_ids" in names and "attention_mask" in names and any(n.startswith("past_") for n in names)
 
 
 def _mutated_buffers(gm) -> list[str]:

@@ -191,9 +191,41 @@ _contrib_schema(
      ("bits", "INT", False)])
 
 
-def gather_nbits_onnx(packed, indices, scales, d: int, block_size: int):
-    return _MSFT.GatherBlockQuantized(packed, indices, scales, gather_axis=0, quantize_axis=1,
-                                      block_size=block_size, bits=4)
+def gather_nbits_onnx(packed, indices, scales, d: int, block_size: int, zero_points=None):
+    """``GatherBlockQuantized`` on uint8 data: without ``zero_points`` ONNX Runtime's default zero point 8
+    applies (as ``MatMulNBits``'), uint8 ``zero_points`` are 4-bit and packed per row as ``MatMulNBits``'
+    (two a byte, low nibble first). Float zero points (min-max affine groups) have no
+    ``GatherBlockQuantized`` form: the gathered rows are unpacked and dequantized in the graph."""
+    if zero_points is None:
+        return _MSFT.GatherBlockQuantized(packed, indices, scales, gather_axis=0, quantize_axis=1,
+                                          block_size=block_size, bits=4)
+    if zero_points.dtype != onnxscript.ir.DataType.FLOAT:
+        return _MSFT.GatherBlockQuantized(packed, indices, scales, zero_points, gather_axis=0, quantize_axis=1,
+                                          block_size=block_size, bits=4)
+    return _gather_affine_rows(packed, indices, scales, zero_points, d, block_size)
+
+
+def _gather_affine_rows(packed, indices, scales, zero_points, d: int, block_size: int):
+    """``(u − z)·s`` of the gathered rows only: ``Gather`` of the packed bytes, nibbles split with
+    ``BitwiseAnd`` / ``BitShift`` (low first), and the rows' scales and float zero points gathered too."""
+    rows = op.Gather(packed, indices, axis=0)                                       # [..., d/2] uint8
+    lo = op.BitwiseAnd(rows, op.Constant(value=_u8(15)))
+    hi = op.BitShift(rows, op.Constant(value=_u8(4)), direction="RIGHT")
+    last = op.Constant(value_ints=[-1])
+    u = op.Concat(op.Unsqueeze(lo, last), op.Unsqueeze(hi, last), axis=-1)          # [..., d/2, 2]
+    lead = op.Shape(indices)
+    blocks = op.Concat(lead, op.Constant(value_ints=[d // block_size, block_size]), axis=0)
+    u = op.Cast(op.Reshape(u, blocks), to=1)                                         # [..., d/block, block]
+    z = op.Unsqueeze(op.Gather(zero_points, indices, axis=0), last)
+    s = op.Unsqueeze(op.Gather(scales, indices, axis=0), last)
+    w = op.Mul(op.Sub(u, z), s)
+    return op.Reshape(w, op.Concat(lead, op.Constant(value_ints=[d]), axis=0))
+
+
+def _u8(v: int):
+    """A uint8 scalar tensor (BitwiseAnd / BitShift need operands of the data's type)."""
+    import onnx
+    return onnx.helper.make_tensor("c", onnx.TensorProto.UINT8, [], [v])
 
 
 TRANSLATIONS[torch.ops.fxopt.gather_nbits.default] = gather_nbits_onnx

@@ -14,6 +14,7 @@ from . import dce, cse, constant_folding, smoothquant, insert_qdq, fuse_qdq, nm_
 from . import moe_profile, moe_recompile, moe_prune_experts  # noqa: E402,F401
 from . import permute_channels  # noqa: E402,F401
 from . import nm_finetune  # noqa: E402,F401
+from . import kv_cache  # noqa: E402,F401
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassError", "PreconditionError", "PostconditionError",
            "NotApplicable", "register_pass", "registry", "get_pass_class", "PassManager", "PassFailedError",

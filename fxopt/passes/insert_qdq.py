@@ -29,7 +29,8 @@ integer kernels. Schemes:
     ``±max|W|`` wastes part of them. Only ``w4-weight-only`` takes it: the int8 weight kernels the
     other schemes lower to (ORT's u8×s8 ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``, torch's
     x86 qlinear) take symmetric weights, so ``weight_symmetric=false`` with them is a ``ValueError``.
-    Embedding tables stay symmetric (``GatherBlockQuantized`` without zero points).
+    Embedding tables of their own stay symmetric (``GatherBlockQuantized`` without zero points); a
+    table tied to a quantized linear is looked up in that linear's codes, zero points included.
     ``weight_zero_point=float`` (with ``weight_symmetric=false``) makes the zero point a float, not
     an integer: ``s = (max W_g − min W_g)/15``, ``z = −min W_g / s``, ``q = clamp(round(W/s + z), 0, 15)``,
     ``Ŵ = (q − z)·s = q·s + min W_g`` — min-max affine groups, llama.cpp's Q4_1 and HQQ's form, which
@@ -53,11 +54,29 @@ products instead.
 
 Embedding tables (``embeddings=true``, the default) are stored int8 per row: the rows a lookup
 gathers are dequantized with their gathered scales, ``E[ids] ≈ q[ids] · s[ids]`` — in MiniLM the
-word embeddings are over half the file. A table tied to a linear (LM head) is left in float with
-a note (its float copy must stay for the embedding lookup). With ``scheme=w4-weight-only`` (or
-``embedding_bits=4``) tables are int4 in blocks of ``group`` columns instead, ``s = max|E_block| / 7``:
-``fuse-qdq`` packs them two values a byte and ONNX Runtime gathers them with
-``GatherBlockQuantized`` — only the looked-up rows are ever dequantized.
+word embeddings are over half the file. With ``scheme=w4-weight-only`` (or ``embedding_bits=4``)
+tables are int4 in blocks of ``group`` columns instead, ``s = max|E_block| / 7``: ``fuse-qdq`` packs
+them two values a byte and ONNX Runtime gathers them with ``GatherBlockQuantized`` — only the
+looked-up rows are ever dequantized.
+
+A table tied to a linear that is quantized (an LM head sharing the embedding's weight, as in
+SmolLM2 and Llama with ``tie_word_embeddings``) is looked up in that linear's codes, so one quantized
+copy of the table exists: a linear's weight is quantized per output channel = per vocabulary row,
+and in blocks along the hidden dim, which is what a lookup needs. int8 schemes:
+``embedding(q, ids) · embedding(s[:, None], ids)`` on the linear's own ``Q(W)`` and scale; int4 (and
+``weight_symmetric=false``, integer or float zero points): ``embedding(DQ(Q(W)), ids)`` on the
+linear's own dequantize, which ``fuse-qdq`` turns into a gather of the linear's packed weight. Every
+looked-up row is the linear's dequantized weight row, bit for bit (on a target whose u8 activations
+make the linear's weights 7-bit, ``[−64, 64]``, the lookup reads those). The note says
+``<table>: embedding tied to <linear>: lookups read <linear>'s <int8|int4|uint4 ...> codes``;
+``stats["tied_embeddings"]`` counts such lookups (included in ``embeddings``). A shared table that
+some op reads in float (a linear left float by ``exclude`` or ``max_error``) stays float, with the note
+``<table>: embedding table shared with another op (tied: <op> reads it in float), kept in float``;
+``embedding_bits`` other than the linear's bits gives the lookups a copy of their own, with a note.
+SmolLM2-135M, ``insert-qdq{scheme=w4-weight-only,group=32},fuse-qdq`` exported: 87.7 MB (the
+Q4_1 GGUF it comes from: 98.4 MB; with ``embeddings=false``, the table float: 200.9 MB); the
+lookup's own int4 error adds 0.4 % to its perplexity (docs/passes/insert-qdq.md, "Tied embedding
+tables", has the figures and the commands).
 
 One activation quantizer serves all linears that read the same value (q, k and v share it).
 ``include`` / ``exclude`` select linears by module path (substring or glob). With
@@ -85,7 +104,7 @@ import torch.fx
 from ..backends import isa
 from ..ir import qops
 from ..ir.graph import add_constant, get_attr
-from ..ir.meta import PROVENANCE, QSPEC, SOURCE_PATH, QuantSpec
+from ..ir.meta import PROVENANCE, QSPEC, SOURCE_PATH, QuantSpec, describe
 from ..ir.structure import LinearInfo, linears
 from . import _fakequant as fq
 from .base import NotApplicable, Pass, PassContext, PassResult, register_pass
@@ -230,17 +249,19 @@ class InsertQDQ(Pass):
                 site = _Site(mm, a.path)
                 aq = self._quantize_activation(gm, x, stats.get(x), site, static=True)
                 mm.replace_input_with(x, self._dequantize_activation(gm, aq, x, site))
-        n_emb = self._quantize_embeddings(gm, notes) if self.embeddings else 0
+        n_emb, n_tied, n_info = self._quantize_embeddings(gm, notes) if self.embeddings else (0, 0, 0)
         gm.graph.lint()
         spec = self.scheme + ("" if not self.scheme == "w8a8-dynamic" else f" per-{self.granularity}")
         return PassResult(gm, bool(sel) or n_emb > 0 or bool(attns), stats={
                                                             "quantized": len(sel), "embeddings": n_emb,
+                                                            "tied_embeddings": n_tied,
                                                             "attention_matmuls": 2 * len(attns),
                                                             "calibration": calib_report,
                                                             "weights_touched": cov.n_touched,
                                                             "weights_eligible": cov.n_eligible,
                                                             "weight_share": round(cov.share, 4),
-                                                            "scheme": spec, "kept_float": len(notes) - len(per_token),
+                                                            "scheme": spec,
+                                                            "kept_float": len(notes) - len(per_token) - n_info,
                                                             **self._target_stats(sel, per_token),
                                                             "per_token_fallback": len(per_token),
                                                 **({"errors": errors} if errors else {})}, notes=cov_notes + notes)
@@ -384,10 +405,15 @@ class InsertQDQ(Pass):
             SOURCE_PATH.set(n, li.path)
         return dq
 
-    def _quantize_embeddings(self, gm, notes: list[str]) -> int:
+    def _quantize_embeddings(self, gm, notes: list[str]) -> tuple[int, int, int]:
+        """Quantize the float embedding tables; returns (lookups quantized, of which read a tied linear's
+        codes, notes added about quantized tables — not tables kept float)."""
         from ..ir.structure import shared_parameters
-        shared = {t for sp in shared_parameters(gm) for t in sp.targets}
-        done = 0
+        tied_q: dict[str, tuple[torch.fx.Node | None, str]] = {}
+        for sp in shared_parameters(gm):                  # before any lookup is rewritten
+            found = _tied_weight_quantizer(sp)
+            tied_q.update((t, found) for t in sp.targets)
+        done = tied = info = 0
         for n in list(gm.graph.nodes):
             if not (n.op == "call_function" and n.target is torch.ops.aten.embedding.default) or PROVENANCE.get(n):
                 continue                                       # (lookups this pass made itself: scale tables)
@@ -398,16 +424,33 @@ class InsertQDQ(Pass):
             path = SOURCE_PATH.get(n) or wnode.target.rsplit(".", 1)[0]
             if not w.is_floating_point() or w.dim() != 2:
                 continue
-            if wnode.target in shared:
-                notes.append(f"{wnode.target}: embedding table shared with another op (tied), kept in float")
+            q, why = tied_q.get(wnode.target, (None, ""))
+            if wnode.target in tied_q and q is None:
+                notes.append(f"{wnode.target}: embedding table shared with another op (tied: {why}), kept in float")
                 continue
             if any(_match(path, p) for p in self.exclude):
                 continue
             base = f"_qdq.{_safe(wnode.target)}"
             bits = self.embedding_bits or (4 if self.scheme == "w4-weight-only" else 8)
+            if q is not None:
+                head, kind = SOURCE_PATH.get(q) or describe(q), _code_kind(q)
+                if bits == (8 if kind == "int8" else 4):
+                    out = self._embedding_tied(gm, n, q, path)
+                    notes.append(f"{wnode.target}: embedding tied to {head}: lookups read {head}'s {kind} codes "
+                                 "(one quantized copy of the table)")
+                    tied += 1
+                    info += 1
+                    n.replace_all_uses_with(out)
+                    gm.graph.erase_node(n)
+                    done += 1
+                    continue
+                notes.append(f"{wnode.target}: embedding tied to {head} ({kind}), embedding_bits={bits}: the lookups "
+                             f"get an int{bits} copy of their own (the file holds the table twice)")
+                info += 1
             if bits == 4 and w.shape[1] % self.group:
                 notes.append(f"{wnode.target}: {w.shape[1]} columns are not a multiple of group={self.group}, "
                              "table stored int8 instead of int4")
+                info += 1
                 bits = 8
             if bits == 4:
                 out = self._embedding_int4(gm, n, wnode, w, base, path)
@@ -416,7 +459,40 @@ class InsertQDQ(Pass):
             n.replace_all_uses_with(out)
             gm.graph.erase_node(n)
             done += 1
-        return done
+        return done, tied, info
+
+    def _embedding_tied(self, gm, n, q: torch.fx.Node, path: str) -> torch.fx.Node:
+        """The lookup ``n`` on the codes of the linear weight quantizer ``q`` (same table, tied).
+
+        Per-row int8 (the linear's per-output-channel weight): ``embedding(q, ids) · embedding(s[:, None], ids)``,
+        as :meth:`_embedding_int8`; blocked int4 / uint4 / min-max affine: ``embedding(DQ(q), ids)`` on the
+        linear's own dequantize, which ``fuse-qdq`` turns into ``gather_nbits`` on the linear's packed weight.
+        Either way each gathered row is the linear's dequantized weight row, bit for bit."""
+        g = gm.graph
+        val = n.meta.get("val")
+        if q.target is qops.QUANTIZE and q.args[4] == 0:
+            _hoist(g, q, n)
+            with g.inserting_before(n):
+                s_col = g.call_function(torch.ops.aten.unsqueeze.default, (q.args[1], 1))
+                rows = g.call_function(torch.ops.aten.embedding.default, (q, *n.args[1:]), dict(n.kwargs))
+                srows = g.call_function(torch.ops.aten.embedding.default, (s_col, n.args[1]))
+                f = g.call_function(torch.ops.aten._to_copy.default, (rows,), {"dtype": torch.float32})
+                out = g.call_function(torch.ops.aten.mul.Tensor, (f, srows))
+            s_val = q.args[1].meta.get("val")
+            made = ((s_col, s_val.unsqueeze(1) if s_val is not None else None),
+                    (rows, val.to(torch.int8) if val is not None else None),
+                    (srows, val[..., :1] if val is not None else None), (f, val), (out, val))
+        else:
+            dq = next(u for u in q.users if u.target in (qops.DEQUANTIZE, qops.DEQUANTIZE_AFFINE))
+            _hoist(g, dq, n)
+            with g.inserting_before(n):
+                out = g.call_function(torch.ops.aten.embedding.default, (dq, *n.args[1:]), dict(n.kwargs))
+            made = ((out, val),)
+        for m, v in made:
+            m.meta["val"] = v
+            PROVENANCE.set(m, self.name)
+            SOURCE_PATH.set(m, path)
+        return out
 
     def _decompose_attention(self, gm, notes: list[str]) -> list:
         from . import _attention
@@ -506,6 +582,56 @@ class _Site:
 
     node: torch.fx.Node
     path: str
+
+
+def _tied_weight_quantizer(sp) -> tuple[torch.fx.Node | None, str]:
+    """The weight quantizer ``Q(W)`` of the linear a shared table is tied to, or ``(None, why not)``.
+
+    Every op that reads the table must be an embedding lookup or an ``insert-qdq`` weight quantizer
+    whose dequantized weight only linears (as their weight) and lookups read."""
+    emb = torch.ops.aten.embedding.default
+    found = []
+    for u in sp.users:
+        if u.op == "call_function" and u.target is emb:
+            continue
+        if not (u.op == "call_function" and u.target in (qops.QUANTIZE, qops.QUANTIZE_AFFINE)
+                and PROVENANCE.get(u) == InsertQDQ.name):
+            return None, f"{describe(u)} reads it in float"
+        dqs = [d for d in u.users if d.target in (qops.DEQUANTIZE, qops.DEQUANTIZE_AFFINE)]
+        readers = [r for d in dqs for r in d.users]
+        if not dqs or not all(d.target is emb or d in dqs for d in u.users) or \
+                not all(r.target is emb or (r.target is torch.ops.aten.linear.default and r.args[1] in dqs)
+                        for r in readers):
+            return None, f"{describe(u)} is not a linear's weight quantizer"
+        if not any(r.target is torch.ops.aten.linear.default for r in readers):
+            return None, f"{describe(u)} feeds no linear"
+        found.append(u)
+    if not found:
+        return None, "no quantized linear reads it"
+    return found[0], ""
+
+
+def _code_kind(q: torch.fx.Node) -> str:
+    """What codes a linear's weight quantizer makes: int8 per row, int4, uint4 (zero points), uint4 affine."""
+    if q.target is qops.QUANTIZE_AFFINE:
+        return "uint4 (float zero point)"
+    if q.args[4] == 0:
+        return "int8"
+    return "int4" if q.args[5] < 0 else "uint4 (zero point)"
+
+
+def _hoist(g: torch.fx.Graph, node: torch.fx.Node, before: torch.fx.Node) -> None:
+    """Move ``node`` and those of its inputs that come after ``before`` to just ahead of it (a weight's
+    ``Q``/``DQ`` and constants, which the LM head at the end of the graph and the lookup at its start share)."""
+    order = {x: i for i, x in enumerate(g.nodes)}
+    move, stack = set(), [node]
+    while stack:
+        x = stack.pop()
+        if order[x] > order[before] and x not in move:
+            move.add(x)
+            stack += x.all_input_nodes
+    for x in sorted(move, key=order.__getitem__):
+        before.prepend(x)
 
 
 def _match(path: str, pattern: str) -> bool:

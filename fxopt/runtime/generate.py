@@ -1,7 +1,10 @@
 """The generation loop over a decode-step graph (:mod:`fxopt.ir.decoder`): prefill, then one token a step.
 
 The cache is the step's own output: ``present_*`` of one step are the ``past_*`` of the next, so
-prefill and every decode step run the same (optimized) graph. A batch is left-padded: the
+prefill and every decode step run the same (optimized) graph. Which tensors make the cache comes from the
+layout (:attr:`fxopt.ir.decoder.DecoderLayout.cache_tensors`): a float key and value per layer as captured,
+or integer codes with their scales (and, keys per channel, block scales and a float residual) after the
+``kv-cache`` pass — the loop passes each ``present_<name>`` back as ``past_<name>`` without reading it. A batch is left-padded: the
 attention mask covers the dummy slots (0), the prompt (0 for pads, 1 for tokens) and every
 generated token (1); positions count real tokens only, as HF's ``generate`` does, so greedy
 output matches ``model.generate`` token for token on the same weights.
@@ -62,8 +65,10 @@ def generate(step: Callable[[dict], dict], layout: DecoderLayout, input_ids: tor
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     out = [ids]
     with torch.no_grad():
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             res = step(feed)
+            if i == 0:
+                _check_outputs(res, layout)
             logits = res["logits"][:, -1, :].float()
             if do_sample:
                 probs = _filter(logits, temperature, top_k, top_p).softmax(-1)
@@ -85,14 +90,36 @@ def generate(step: Callable[[dict], dict], layout: DecoderLayout, input_ids: tor
     return torch.cat(out, 1)
 
 
+def _check_outputs(res: dict, layout: DecoderLayout) -> None:
+    missing = [n for n in ["logits", *layout.present_names] if n not in res]
+    if missing:
+        raise DecoderError(f"the step returned no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (it "
+                           f"returns {', '.join(list(res)[:6])}{' ...' if len(res) > 6 else ''}): the layout describes "
+                           "another cache than the step's; pass res.decoder of the result the step comes from")
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
+              "tensor(bool)": "bool"}
+
+
 def ort_step(model) -> Callable[[dict], dict]:
     """A ``step`` for :func:`generate` over an ONNX decoder file (or an :class:`fxopt.backends.OrtBackend`)
-    exported from a ``task="text-generation"`` result."""
+    exported from a ``task="text-generation"`` result. A feed that lacks one of the file's inputs or gives one in
+    another dtype (a float cache for a file that stores it quantized, say) is a :class:`DecoderError` naming it."""
     from ..backends.ort import OrtBackend
 
     backend = model if isinstance(model, OrtBackend) else OrtBackend(model)
+    expected = {i.name: _ORT_TYPES.get(i.type) for i in backend.session.get_inputs()}
 
     def step(feed: dict) -> dict:
+        missing = [n for n in expected if n not in feed]
+        wrong = [f"{n} is {str(feed[n].dtype).replace('torch.', '')}, the file takes {t}" for n, t in expected.items()
+                 if n in feed and t is not None and str(feed[n].dtype).replace("torch.", "") != t]
+        if missing or wrong:
+            raise DecoderError(f"the ONNX decoder {getattr(backend, 'path', '')} does not take this feed: "
+                               + "; ".join(([f"missing {', '.join(missing[:4])}"] if missing else []) + wrong[:4])
+                               + ". Generate with the layout of the result that exported the file (res.decoder)")
         outs = backend.session.run(None, {k: v.numpy() for k, v in feed.items() if k in backend.input_names})
         return {name: torch.from_numpy(o) for name, o in zip(backend.output_names, outs)}
     return step

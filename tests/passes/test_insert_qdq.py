@@ -161,8 +161,9 @@ def test_options_and_preconditions(tiny_gpt):
 def test_embedding_tables_are_stored_int8_per_row(tiny_gpt):
     res = fxopt.optimize(tiny_gpt.model, "insert-qdq{scheme=w8-weight-only},fuse-qdq", tiny_gpt.example_inputs)
     rec = res.records[1]
-    assert rec.stats["embeddings"] == 1                               # pos; tok is tied to the head
-    assert any("tied" in n and "kept in float" in n for n in rec.notes)
+    assert rec.stats["embeddings"] == 2 and rec.stats["tied_embeddings"] == 1   # pos; tok reads the tied head's codes
+    assert any("embedding tied to head: lookups read head's int8 codes" in n for n in rec.notes)
+    assert not any("kept in float" in n for n in rec.notes)
     pos = next(n for n in res.module.graph.nodes if n.target is torch.ops.aten.embedding.default
                and n.args[0].op == "get_attr" and "pos" in n.args[0].target)
     from fxopt.ir import get_attr
