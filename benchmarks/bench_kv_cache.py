@@ -192,7 +192,7 @@ def main(argv=None) -> int:
             ok_b, ok_p = ratio <= goal[0], dppl <= goal[1]
             verdict = f"≤{goal[0]}× / ≤+{goal[1]} %: " + ("met" if ok_b and ok_p else "missed (" + ", ".join(
                 x for x, ok in (("bytes", ok_b), ("perplexity", ok_p)) if not ok) + ")")
-        rows.append([label, f"`{pipeline}`" if pipeline and args.markdown else (pipeline or "-"), f"{nbytes}",
+        rows.append([label, f"`{pipeline}`" if pipeline and args.markdown else (pipeline or "-"), f"{nbytes:g}",
                      f"{ratio:.3f}", f"{ppl[key]:.3f}", f"{dppl:+.2f}",
                      f"{tps:.1f}" if tps else "-", f"{tps / fp_tps:.2f}" if tps else "-", verdict])
 

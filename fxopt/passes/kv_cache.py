@@ -1,75 +1,87 @@
-"""``kv-cache`` — store a decoder's KV cache quantized: integer codes plus float16 scales per group.
+"""``kv-cache`` — store a decoder's KV cache quantized: integer codes plus float16 scales, read back dequantized.
 
-Runs on a decode-step graph (``optimize(..., task="text-generation")``, :mod:`fxopt.ir.decoder`),
-whose cache is explicit: inputs ``past_key_<i>`` / ``past_value_<i>`` ``[B, H_kv, P, d]`` and outputs
-``present_* = concat(past, new)``. Granularity ``token`` (the only one; see below): every cached
-vector of ``d`` values (one token, one KV head; keys after RoPE) is cut into ``d / g`` groups of ``g``
-consecutive values (``group_size``, default 32: llama.cpp's ``q8_0``/``q4_0`` blocks), each with its
-own scale — per-token groups as in llama.cpp, for keys and values alike. With ``x`` a group:
+Runs on a decode-step graph (``optimize(..., task="text-generation")``, :mod:`fxopt.ir.decoder`), whose
+cache is explicit: inputs ``past_key_<i>`` / ``past_value_<i>`` ``[B, H_kv, P, d]`` and outputs
+``present_* = concat(past, new)``. After the pass the cache is stored as integers and attention reads
+what is stored, dequantized; cached tokens are never quantized again.
 
-* ``bits=8``, symmetric (``q8_0``): ``s = fp16(max|x| / 127)``, ``q = clamp(round(x / s), −127, 127)``
-  stored as int8; ``x̂ = q · s``.
-* ``bits=4``, symmetric (``q4_0`` with a symmetric range): ``s = fp16(max|x| / 7)``,
-  ``q = clamp(round(x / s), −7, 7)``, stored as ``q + 8`` in 4 bits; ``x̂ = (u − 8) · s``.
-* ``symmetric=false`` (``q4_1``/``q8_1``, KIVI's asymmetric form): ``m = fp16(min x)``,
-  ``s = fp16((max x − min x) / (2^bits − 1))``, ``q = clamp(round((x − m) / s), 0, 2^bits − 1)``
-  stored unsigned with ``m`` beside ``s``; ``x̂ = q · s + m``.
+**Granularity ``token``** (default; keys and values): every cached vector of ``d`` values (one token, one
+KV head; keys after RoPE) is cut into ``d/g`` groups of ``g`` consecutive values (``group_size``, default 32,
+the block of llama.cpp's ``q8_0``/``q4_0``; ``min(g, d)``), each with its own scale. With ``x`` a group:
+
+* ``bits=8``, symmetric (``q8_0``): ``s = fp16(max|x| / 127)``, ``q = clamp(round(x / s), −127, 127)`` as int8;
+  ``x̂ = q·s``.
+* ``bits=4``, symmetric (``q4_0``'s grid, made symmetric): ``s = fp16(max|x| / 7)``,
+  ``q = clamp(round(x / s), −7, 7)``, stored as ``u = q + 8`` in 4 bits; ``x̂ = (u − 8)·s``.
+* ``symmetric=false`` (``q8_1``/``q4_1``-like, KIVI's asymmetric form): ``m = fp16(min x)``,
+  ``s = fp16((max x − min x) / (2^bits − 1))``, ``q = clamp(round((x − m) / s), 0, 2^bits − 1)`` unsigned, ``m``
+  stored beside ``s``; ``x̂ = q·s + m``.
+
+**Granularity ``channel``** (KIVI: Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache"): keys per *channel*, values per token as above. A few key channels carry most of the range, so a
+per-token scale, set by them, leaves the other channels few levels; one scale and minimum per channel over
+a block of ``G = key_block`` tokens (default 32) follows each channel's own range. KIVI's way to never
+re-quantize: a block is quantized once, when its ``G`` tokens are all there; the newest ``R < G`` keys wait
+in float in a residual tensor. Per layer: ``x`` = the ``G`` values of one channel in one block,
+asymmetric as above with ``2^bits − 1`` levels (``m``, ``s`` per channel per block). One step with ``T`` new
+keys: ``full = concat(residual, new)``; its first ``n = ⌊(R + T)/G⌋·G`` tokens are quantized as ``n/G``
+blocks and appended to the codes, scales and minima; the rest is the new residual. ``R`` is read from the
+attention mask (``R = (len(mask) − T) mod G``: the format keeps ``R < G``, and an empty cache holds only
+the dummy slots, in the residual), not from the cache tensors' shapes, which count blocks.
 
 ``s`` and ``m`` are rounded to float16 *before* ``q`` is computed, so ``q`` is the nearest code for the
-scale that is stored. ``round`` is half-to-even (torch and ONNX ``Round``). A group of zeros (the
-masked dummy slots the cache starts with, :data:`fxopt.ir.decoder.DUMMY_SLOTS`) has ``s = 0``: the
-division uses ``max(s, 2⁻²⁴)`` (the smallest float16 step), so codes are 0 and ``x̂ = 0`` — never
-NaN. Scales are clamped to float16's largest finite value (65504).
+scale that is stored. ``round`` is half-to-even (torch and ONNX ``Round``). A group of zeros (the masked
+dummy slots a cache starts with, :data:`fxopt.ir.decoder.DUMMY_SLOTS`) has ``s = 0``: the division uses
+``max(s, 2⁻²⁴)`` (the smallest float16 step), so ``q`` is 0 (``u = 8`` symmetric 4-bit) and ``x̂ = 0`` —
+never NaN; the all-zero codes of an empty cache dequantize to 0 too. Scales and minima are clamped to
+float16's largest finite value (65504).
 
-What is stored, per layer and per token of one KV head (``g`` the group, ``d`` the head size):
+What is stored (per layer; ``d`` head size, ``g`` group, ``G`` key block), and bytes per token per KV head:
 
-==============  =======================================  ============================  ======================
-bits            ``past_key_<i>`` / ``past_value_<i>``    ``…_scale_<i>``               ``…_min_<i>``
-==============  =======================================  ============================  ======================
-8               int8 ``[d]``                             float16 ``[d/g]``             float16 ``[d/g]`` (asym.)
-4               uint8 ``[d/2]``: two codes a byte        float16 ``[d/g]``             float16 ``[d/g]`` (asym.)
-==============  =======================================  ============================  ======================
+========================  ====================================  ============================  =======================
+tensor                    token                                 channel (keys)                bytes / token
+========================  ====================================  ============================  =======================
+``past_<kind>_<i>``       int8 ``[P, d]`` / uint8 ``[P, d/2]``  uint8 ``[n, d]`` / ``[n, d/2]``  ``d·bits/8``
+``past_<kind>_scale_<i>`` float16 ``[P, d/g]``                  float16 ``[n/G, d]``          ``2d/g`` / ``2d/G``
+``past_<kind>_min_<i>``   float16 ``[P, d/g]`` (asymmetric)     float16 ``[n/G, d]``          ``2d/g`` / ``2d/G``
+``past_key_residual_<i>`` —                                     model dtype ``[R < G, d]``    bounded, not per token
+========================  ====================================  ============================  =======================
 
-Bytes per token = ``2 · layers · H_kv · (d·bits/8 + 2·d/g · (1 or 2))``; fp32 stores ``2·layers·H_kv·4d``.
-For ``d = 64``, ``g = 32``: int8 1.0625 B per value (0.266× fp32), int4 symmetric 0.5625 (0.141×),
-int4 asymmetric 0.625 (0.156×). 4-bit codes are packed along ``d``: byte ``j`` holds value ``2j`` in its
-low nibble and ``2j+1`` in its high nibble.
+(4-bit codes are packed along ``d``: byte ``j`` holds value ``2j`` in its low nibble, ``2j+1`` in its high
+nibble; 8-bit asymmetric codes are uint8.) With ``d = 64`` and ``g = G = 32``, per value: int8 1.0625 bytes
+(0.266× fp32), int4 symmetric 0.5625 (0.141×), int4 asymmetric 0.625 (0.156×); ``granularity=channel``,
+``bits=4``: keys 0.625, values 0.5625, 0.148× fp32 (plus ≤ 31 float keys per layer and head).
 
 Rewrite, for every ``present_<kind>_<i>`` output that is ``concat(A, new)`` along the token dim, where
-``A`` holds the past (``past_<kind>_<i>``, through the empty tensor an HF ``DynamicCache`` starts with)
-and ``new`` does not depend on it:
+``A`` holds the past (``past_<kind>_<i>``, through the empty tensor an HF ``DynamicCache`` starts with) and
+``new`` does not read it:
 
-1. ``past_<kind>_<i>`` becomes the codes input (int8 / uint8, trailing dim ``d`` or ``d/2``), followed
-   by the inputs ``past_<kind>_scale_<i>`` (and ``past_<kind>_min_<i>``).
-2. ``present_<kind>_<i> = concat(past codes, quantize(new))``, and likewise for the scales (and minima):
-   tokens already in the cache are never re-quantized; what is stored is what is read back.
+1. ``past_<kind>_<i>`` becomes the codes input; ``past_<kind>_scale_<i>`` (``…_min_<i>``, ``past_key_residual_<i>``)
+   follow it.
+2. ``present_<kind>_<i> = concat(past codes, quantize(new))``, and likewise for scales and minima (per
+   channel: the whole blocks of ``concat(residual, new)``, and the rest as ``present_key_residual_<i>``).
 3. Every other use of the float present (attention, GQA's head expansion) reads
-   ``dequantize(present codes, present scales)``: prefill and decode attend to the same dequantized
-   keys and values, the ones the cache holds.
-4. The float path ``concat(empty, past)`` is removed; ``sym_size`` reads of the past move to the codes,
-   and torch.export's input guards see a tensor of the float past's shape (for packed codes, a
-   zero-stride ``expand``). The graph's input/output spec, ``CaptureInfo`` (names, dynamic axes), the
-   example inputs, calibration batches and reference outputs of the pipeline are rewritten to the new
-   cache (dummy slots quantized: zero codes, zero scales), so later passes calibrate and measure drift on it.
-   Drift from here on compares the cache outputs with the original model's cache quantized the same way
-   (integer codes count 1 per mismatch); the stats give the logits' drift alone.
+   ``dequantize(present parts)`` (per channel, followed by the residual): prefill and decode attend to the
+   keys and values the cache holds.
+4. The float path ``concat(empty, past)`` is removed. ``sym_size`` reads of the past move to the codes
+   (per channel, the token count becomes ``len(mask) − T``), torch.export's input guards get a zero-stride
+   stand-in of the float past's shape, and a past read elsewhere reads its dequantized form. The graph's
+   pytree spec and ``CaptureInfo`` (input/output names, dynamic axes: ``past``, ``past_quantized``,
+   ``past_blocks_<G>``, ``past_residual``) follow; so do the pipeline's example inputs, calibration batches
+   and reference outputs, so later passes calibrate and measure drift on the new cache. Drift from then on
+   compares the cache outputs with the original model's cache stored the same way (integer codes count 1
+   per mismatch); the stats give the logits' drift alone. Per channel, the example inputs get
+   ``2·G`` more masked zero slots (two blocks), since torch.export, tracing the graph again for ONNX,
+   specializes dims of size 0 and 1.
 
 Quantize and dequantize are plain ATen ops (``abs``, ``amax``/``amin``, ``div``, ``round``, ``clamp``,
-``to``, ``floor`` for unpacking), so the graph runs in PyTorch and exports to ONNX as it is
-(``Abs``/``ReduceMax``/``Div``/``Round``/``Clip``/``Cast``/``Floor``); the exported decoder takes and
-returns the quantized cache. ``optimize`` describes it in ``result.decoder``
-(:class:`fxopt.ir.decoder.DecoderLayout` ``cache``), which ``generate``, ``ort_step`` and ``empty_past``
-follow. GenAI folders are refused for such decoders (:mod:`fxopt.lowering.genai`).
-
-**Keys per channel (KIVI) are not offered.** KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
-Quantization for KV Cache") quantizes keys per *channel* — one scale per channel over a group of ``G``
-tokens — because a few key channels carry outliers, and values per token. A per-channel group spans
-``G`` tokens, so its scale is only known once all ``G`` are there: KIVI keeps the newest ``< G`` keys in
-float and quantizes them when the group fills. In this graph that is a float residual tensor beside the
-codes, and a step that flushes a data-dependent number of tokens (``(r + T) // G · G``) from it — a
-cache whose parts grow at different rates, which the one-``past``-axis layout and ONNX Runtime's
-quantized ``GroupQueryAttention`` (static per-tensor / per-channel scales only) do not describe. Per-token
-groups of 32 meet the error budget at 8 and 4 bits on SmolLM2-135M (``docs/passes/kv-cache.md``).
+``to``, ``floor`` to unpack, ``slice``/``cat``), so the graph runs in PyTorch and exports to ONNX as it is;
+the ONNX decoder takes and returns the quantized cache. ``optimize`` describes it in ``result.decoder``
+(:class:`fxopt.ir.decoder.DecoderLayout` ``cache``), which ``generate``, ``ort_step`` and ``empty_past`` follow.
+ONNX Runtime 1.32's CPU ``GroupQueryAttention`` takes int8 and packed-int4 caches, but with static
+``k_scale``/``v_scale`` inputs (``PER_TENSOR`` or ``PER_CHANNEL``, ``kv_cache_bit_width`` 8 or 4): no
+per-token or per-block scales. This format is not lowered to it; the graph dequantizes itself, and
+ONNX Runtime GenAI folders are refused for such decoders (:mod:`fxopt.lowering.genai`).
 
 Not applicable (a note says so) when the graph has no ``past_*`` inputs with ``present_*`` outputs, or its
 cache is already stored as integers. A present that is not ``concat(past, new)`` is a
